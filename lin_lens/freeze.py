@@ -1,0 +1,249 @@
+"""Detached mode: forward values unchanged, every nonlinearity's A(x) frozen on the gradient path.
+
+Everything is done through TransformerLens hook names, so one code path serves
+``HookedTransformer`` and ``TransformerBridge``:
+
+==========================  ==================================================================
+what                         how
+==========================  ==================================================================
+norm scales (``hook_scale``) ``.detach()``; on a Bridge norm that runs Hugging Face's own kernel
+                             (native autograd) the *normalized* value is relinearised instead,
+                             which keeps the forward bit-identical there (see ``_norm_rule``)
+attention (``hook_pattern``) ``.detach()`` — V stays on the gradient path
+gated MLP (``mlp.hook_pre``) ``.detach()`` the gate pre-activation, so act(gate) is frozen and the
+                             up projection carries the linear path
+plain MLP (``mlp.hook_post``) value kept, gradient ``g(pre)·d pre`` with the analytic gate g
+                             (``mlp.hook_mid`` for SoLU-LN)
+final logit soft cap         value kept, gradient ``tanh(z/c)/(z/c)·dz`` (torch hooks on unembed)
+==========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from lin_lens._hooks import HookSet
+from lin_lens.gates import (
+    UnsupportedFeatureError,
+    check_gate,
+    gate_fn,
+    relinearize,
+    softcap_gate,
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One freezing hook. ``cut`` rules only detach (a value captured *before* them is still the
+    live linear activation); ``relinearize`` rules replace the gradient path (capture after)."""
+
+    hook: str
+    fn: Callable
+    kind: Literal["cut", "relinearize"]
+
+
+def is_bridge(model: Any) -> bool:
+    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+
+
+def _parent(model: Any, hook_name: str) -> torch.nn.Module:
+    parent = hook_name.rsplit(".", 1)[0] if "." in hook_name else ""
+    return model.get_submodule(parent)
+
+
+def unique_hooks(model: Any) -> dict[str, Any]:
+    """Canonical name → HookPoint; Bridge aliases point at the same HookPoint."""
+    seen: dict[int, str] = {}
+    out: dict[str, Any] = {}
+    for name, hp in model.hook_dict.items():
+        if id(hp) in seen:
+            continue
+        canonical = hp.name or name
+        seen[id(hp)] = canonical
+        out[canonical] = hp
+    return out
+
+
+def _detach(t: Tensor, hook: Any) -> Tensor:
+    return t.detach()
+
+
+def _norm_rule(model: Any, scale_hook: str) -> list[Rule]:
+    norm = _parent(model, scale_hook)
+    native = getattr(norm, "use_native_layernorm_autograd", False) or getattr(
+        getattr(norm, "config", None), "layer_norm_folding", False
+    )
+    if not native:
+        return [Rule(scale_hook, _detach, "cut")]
+    # Bridge native path: an edited hook_scale makes the Bridge rebuild the norm in a different
+    # order (x/scale instead of HF's x·rsqrt), changing forward values at rounding level. Leaving
+    # hook_scale alone and relinearising hook_normalized keeps HF's value and its weight product.
+    prefix = scale_hook.rsplit(".", 1)[0]
+    rms = bool(getattr(norm, "uses_rms_norm", False))
+    seen: dict[str, Tensor] = {}
+
+    def grab_in(x: Tensor, hook: Any) -> None:
+        seen["x"] = x
+
+    def grab_scale(s: Tensor, hook: Any) -> None:
+        seen["scale"] = s
+
+    def relin(n: Tensor, hook: Any) -> Tensor:
+        x = seen.pop("x")
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        xc = x if rms else x - x.mean(-1, keepdim=True)
+        return n.detach() + (xc - xc.detach()) / seen.pop("scale").detach()
+
+    return [
+        Rule(f"{prefix}.hook_in", grab_in, "cut"),
+        Rule(scale_hook, grab_scale, "cut"),
+        Rule(f"{prefix}.hook_normalized", relin, "relinearize"),
+    ]
+
+
+def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
+    attn = _parent(model, pattern_hook)
+    if is_bridge(model):
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+        if type(attn).forward is AttentionBridge.forward:
+            raise UnsupportedFeatureError(
+                f"{pattern_hook}: {type(attn).__name__} runs Hugging Face's attention and fires "
+                "hook_pattern after the fact, so the attention pattern cannot be frozen "
+                "(edits are silently discarded). Use HookedTransformer for this architecture."
+            )
+    return [Rule(pattern_hook, _detach, "cut")]
+
+
+def _mlp_rules(model: Any, pre_hook: str, hooks: dict[str, Any]) -> list[Rule]:
+    prefix = pre_hook.rsplit(".", 1)[0]
+    act = getattr(model.cfg, "act_fn", None)
+    if f"{prefix}.hook_expert_weights" in hooks or f"{prefix}.hook_gate" in hooks:
+        raise UnsupportedFeatureError(
+            f"{prefix}: mixture-of-experts MLPs (top-k routing) are not supported yet"
+        )
+    if f"{prefix}.hook_pre_linear" in hooks:  # gated: freeze act(gate) entirely
+        if act and act.endswith("_ln"):
+            raise UnsupportedFeatureError(f"{prefix}: gated MLP with {act!r} activation")
+        gate_fn(act)  # refuse activations we could not name
+        return [Rule(pre_hook, _detach, "cut")]
+
+    gate = gate_fn(act)
+    at = f"{prefix}.hook_mid" if act and act.endswith("_ln") and f"{prefix}.hook_mid" in hooks \
+        else f"{prefix}.hook_post"
+    seen: dict[str, Tensor] = {}
+
+    def grab_pre(pre: Tensor, hook: Any) -> None:
+        seen["pre"] = pre
+
+    def relin(value: Tensor, hook: Any) -> Tensor:
+        pre = seen.pop("pre")
+        g = gate(pre.detach())
+        check_gate(hook.name, act, value.detach(), pre.detach(), g)
+        return relinearize(value, pre, g)
+
+    return [Rule(pre_hook, grab_pre, "cut"), Rule(at, relin, "relinearize")]
+
+
+def _clip_qkv_rule(model: Any, v_hook: str) -> list[Rule]:
+    clip = getattr(model.cfg, "clip_qkv", None)
+    if not clip:
+        return []
+
+    def check(v: Tensor, hook: Any) -> None:
+        if float(v.detach().abs().max()) > clip:
+            raise UnsupportedFeatureError(
+                f"{hook.name}: clip_qkv={clip} clamps V on this input; a clamp cannot be "
+                "frozen exactly on the value path"
+            )
+
+    return [Rule(v_hook, check, "cut")]
+
+
+def freezing_rules(model: Any) -> list[Rule]:
+    """The hooks that put ``model`` in detached mode (raises on features we cannot freeze)."""
+    hooks = unique_hooks(model)
+    rules: list[Rule] = []
+    for name in hooks:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "hook_scale":
+            rules += _norm_rule(model, name)
+        elif leaf == "hook_pattern":
+            rules += _attention_rule(model, name)
+        elif leaf == "hook_pre" and name.endswith("mlp.hook_pre"):
+            rules += _mlp_rules(model, name, hooks)
+        elif leaf == "hook_v" and name.endswith("attn.hook_v"):
+            rules += _clip_qkv_rule(model, name)
+    return rules
+
+
+def _softcap_hooks(model: Any, hs: HookSet) -> None:
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if not cap or cap <= 0:
+        return
+    seen: dict[str, Tensor] = {}
+
+    def grab(module, args, out):
+        seen["z"] = out
+
+    def relin(module, args, out):
+        z = seen.pop("z", None)
+        if not isinstance(out, Tensor) or z is None or z.shape != out.shape:
+            return None
+        return relinearize(out, z, softcap_gate(z.detach(), cap))
+
+    hs.add_module_hook(model.unembed, grab)
+    hs.add_module_hook(model, relin)
+
+
+_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def detached(model: Any) -> Iterator[Any]:
+    """Put ``model`` in detached mode for the ``with`` block.
+
+    Forward values are unchanged; on the gradient path every normalisation scale, attention
+    pattern and activation gate is frozen, so the network is exactly linear (affine with biases)
+    in its input embeddings. Nests and is re-entrant: only the outermost block installs hooks.
+    On exit, even through an exception, exactly the hooks added here are removed.
+
+    Raises :class:`UnsupportedFeatureError` naming any feature that cannot be frozen exactly.
+    """
+    depth = _DEPTH.get(model, 0)
+    if depth:
+        _DEPTH[model] = depth + 1
+        try:
+            yield model
+        finally:
+            _DEPTH[model] -= 1
+        return
+    rules = freezing_rules(model)  # raises before anything is installed
+    hs = HookSet(model)
+    try:
+        for r in rules:
+            hs.add(r.hook, r.fn)
+        _softcap_hooks(model, hs)
+        _DEPTH[model] = 1
+        yield model
+    finally:
+        hs.remove()
+        _DEPTH.pop(model, None)
+
+
+def is_detached(model: Any) -> bool:
+    return _DEPTH.get(model, 0) > 0
+
+
+def cut_hooks(model: Any) -> set[str]:
+    """Hook names where detached mode only cuts the gradient (a value read before the cut is
+    still the live activation, e.g. a gated MLP's gate pre-activation)."""
+    return {r.hook for r in freezing_rules(model) if r.kind == "cut" and r.fn is _detach}
