@@ -12,6 +12,7 @@ norm scales (``hook_scale``) ``.detach()``; on a Bridge norm that runs Hugging F
 attention (``hook_pattern``) ``.detach()`` — V stays on the gradient path
 gated MLP (``mlp.hook_pre``) ``.detach()`` the gate pre-activation, so act(gate) is frozen and the
                              up projection carries the linear path
+mixture of experts           ``.detach()`` the router weights and each expert's gate
 plain MLP (``mlp.hook_post``) value kept, gradient ``g(pre)·d pre`` with the analytic gate g
                              (``mlp.hook_mid`` for SoLU-LN)
 final logit soft cap         value kept, gradient ``tanh(z/c)/(z/c)·dz`` (torch hooks on unembed)
@@ -21,10 +22,12 @@ final logit soft cap         value kept, gradient ``tanh(z/c)/(z/c)·dz`` (torch
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -49,6 +52,9 @@ class Rule:
     kind: Literal["cut", "relinearize"]
 
 
+_EXPERT_GATE = re.compile(r"experts\.\d+\.hook_gate$")
+
+
 def is_bridge(model: Any) -> bool:
     return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
 
@@ -59,16 +65,31 @@ def _parent(model: Any, hook_name: str) -> torch.nn.Module:
 
 
 def unique_hooks(model: Any) -> dict[str, Any]:
-    """Canonical name → HookPoint; Bridge aliases point at the same HookPoint."""
-    seen: dict[int, str] = {}
-    out: dict[str, Any] = {}
+    """One name per HookPoint → HookPoint, preferring TransformerLens's standard alias names.
+
+    On the Bridge, ``blocks.0.mlp.hook_pre`` is an alias of ``blocks.0.mlp.in.hook_out``; the rules
+    below speak the standard names, so those win over the Bridge's canonical ones.
+    """
+    groups: dict[int, list[str]] = {}
+    points: dict[int, Any] = {}
     for name, hp in model.hook_dict.items():
-        if id(hp) in seen:
-            continue
-        canonical = hp.name or name
-        seen[id(hp)] = canonical
-        out[canonical] = hp
+        groups.setdefault(id(hp), []).append(name)
+        points[id(hp)] = hp
+    out: dict[str, Any] = {}
+    for key, names in groups.items():
+        out[min(names, key=_standardness)] = points[key]
     return out
+
+
+_STANDARD_LEAVES = (
+    "hook_scale", "hook_normalized", "hook_pattern", "hook_pre", "hook_pre_linear", "hook_post",
+    "hook_mid", "hook_v", "hook_z", "hook_result", "hook_embed", "hook_pos_embed",
+)
+
+
+def _standardness(name: str) -> tuple[int, int, str]:
+    leaf = name.rsplit(".", 1)[-1]
+    return (0 if leaf in _STANDARD_LEAVES else 1, len(name), name)
 
 
 def _detach(t: Tensor, hook: Any) -> Tensor:
@@ -126,9 +147,10 @@ def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
 def _mlp_rules(model: Any, pre_hook: str, hooks: dict[str, Any]) -> list[Rule]:
     prefix = pre_hook.rsplit(".", 1)[0]
     act = getattr(model.cfg, "act_fn", None)
-    if f"{prefix}.hook_expert_weights" in hooks or f"{prefix}.hook_gate" in hooks:
+    if f"{prefix}.hook_gate" in hooks:
         raise UnsupportedFeatureError(
-            f"{prefix}: mixture-of-experts MLPs (top-k routing) are not supported yet"
+            f"{prefix}: GPT-OSS-style expert MLP (clamped GLU with an offset, (up + 1)·glu) "
+            "is not act(x)·x and cannot be frozen exactly"
         )
     if f"{prefix}.hook_pre_linear" in hooks:  # gated: freeze act(gate) entirely
         if act and act.endswith("_ln"):
@@ -182,6 +204,10 @@ def freezing_rules(model: Any) -> list[Rule]:
             rules += _mlp_rules(model, name, hooks)
         elif leaf == "hook_v" and name.endswith("attn.hook_v"):
             rules += _clip_qkv_rule(model, name)
+        elif leaf == "hook_expert_weights" or _EXPERT_GATE.search(name):
+            # MoE: the router's softmax weights (top-k choice is discrete) and each expert's
+            # act(gate) are frozen; each expert's up projection carries the linear path.
+            rules.append(Rule(name, _detach, "cut"))
     return rules
 
 
@@ -233,7 +259,10 @@ def detached(model: Any) -> Iterator[Any]:
             hs.add(r.hook, r.fn)
         _softcap_hooks(model, hs)
         _DEPTH[model] = 1
-        yield model
+        with warnings.catch_warnings():
+            # The Bridge warns that an edited native-path norm is recomputed; that is the point.
+            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+            yield model
     finally:
         hs.remove()
         _DEPTH.pop(model, None)

@@ -75,6 +75,8 @@ def _randomize(model: torch.nn.Module, seed: int, bias: bool) -> None:
                 p.copy_(0.3 * noise if bias else torch.zeros_like(p))
             elif leaf in ("W_E", "W_pos"):
                 p.copy_(noise)
+            elif p.ndim == 0:  # e.g. xIELU's scalar parameters: keep their init
+                continue
             else:
                 fan_in = p.shape[-2] if p.ndim >= 2 else p.shape[-1]
                 p.copy_(noise * 2.0 / fan_in**0.5)
@@ -113,8 +115,9 @@ def _hf_config(arch: str, d_vocab: int):
     if arch == "qwen3":
         return tf.Qwen3Config(num_key_value_heads=2, head_dim=4, **common)
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(num_key_value_heads=1, head_dim=4, query_pre_attn_scalar=4,
-                                   sliding_window=4, **common)
+        return tf.Gemma3TextConfig(architectures=["Gemma3ForCausalLM"], num_key_value_heads=1,
+                                   head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
+                                   **common)
     if arch == "pythia":
         return tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
     if arch == "gpt2":
@@ -135,6 +138,7 @@ def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: i
     torch.manual_seed(seed)
     hf = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
     _randomize_hf(hf, seed)
+    hf.eval()  # from_config leaves dropout on
     return TransformerBridge.boot_transformers(
         f"tiny-{arch}", hf_model=hf, tokenizer=tiny_tokenizer(d_vocab), device="cpu", dtype=dtype
     )
