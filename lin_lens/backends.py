@@ -8,10 +8,12 @@ the hook-name protocol both share, so these imports matter to loaders and tests 
 from __future__ import annotations
 
 import warnings
+from importlib import metadata
 
-import transformer_lens
-
-TL_VERSION: str = getattr(transformer_lens, "__version__", "unknown")
+try:  # transformer_lens 4.x has no __version__ attribute
+    TL_VERSION: str = metadata.version("transformer_lens")
+except metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    TL_VERSION = "unknown"
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
