@@ -22,6 +22,7 @@ BOUND = {torch.float64: 1e-13, torch.float32: 1e-5}
 ORDINARY_MIN = 1e-3
 HOOKS = [
     "hook_embed",
+    "hook_pos_embed",
     "blocks.0.hook_resid_pre",
     "blocks.1.hook_resid_pre",
     "blocks.1.hook_resid_mid",
@@ -60,7 +61,8 @@ def _check_matrix(model, dtype, hooks, bound):
         err = lm.relative_error
         worst = max(worst, err)
         assert err <= bound, f"{hook}: relative error {err:.2e} > {bound:.0e}"
-        trivial = hook in ("hook_embed", "blocks.0.hook_resid_pre")  # linear even undetached
+        # linear even undetached: the embeddings themselves
+        trivial = hook in ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre")
         if not trivial:
             ordinary = lin_lens.linear_map(model, TOKENS, hook, pos=None, detach=False)
             assert ordinary.relative_error >= ORDINARY_MIN, (
