@@ -171,6 +171,29 @@ def test_opt_bridge_attention_is_refused():
     hf = tf.OPTForCausalLM(cfg).double().eval()
     b = TransformerBridge.boot_transformers("tiny-opt", hf_model=hf, tokenizer=tiny_tokenizer(50),
                                             device="cpu", dtype=torch.float64)
+    before = _hook_ids(b)
     with pytest.raises(lin_lens.UnsupportedFeatureError, match="AttentionBridge.*cannot be frozen"):
         lin_lens.linear_map(b, TOKENS, "logits")
-    assert all(not hp.fwd_hooks for hp in b.hook_dict.values())
+    assert _hook_ids(b) == before
+
+
+def test_bridge_is_left_as_it_was():
+    """Hooks, flags and grads on the Bridge survive linear_map, also when it raises."""
+    model = bridge_model("gpt2", torch.float64)
+    before_hooks = _hook_ids(model)
+    before_flag = model.cfg.use_attn_result
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    lm = lin_lens.linear_map(model, TOKENS, "blocks.1.attn.hook_result", pos=-1, head=1)
+    assert lm.relative_error <= 1e-12
+    with pytest.raises(KeyError, match="Did you mean"):
+        lin_lens.linear_map(model, TOKENS, "blocks.1.hook_resid_psot")
+    with pytest.raises(IndexError):
+        lin_lens.linear_map(model, TOKENS, "logits", pos=99)
+    assert model.cfg.use_attn_result == before_flag
+    assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert _hook_ids(model) == before_hooks
+
+
+def _hook_ids(model):
+    """Every forward hook on every hook point (TL 4 installs some of its own)."""
+    return {n: [h.hook.id for h in hp.fwd_hooks] for n, hp in model.hook_dict.items()}
