@@ -51,7 +51,10 @@ def bridge_model(arch: str, dtype: torch.dtype):
 
 
 def _present(model, hooks):
-    return [h for h in hooks if h == "logits" or h in model.hook_dict]
+    # the Bridge registers hook_pos_embed on rotary models too, where it never fires
+    learned_pos = getattr(model.cfg, "positional_embedding_type", "standard") == "standard"
+    return [h for h in hooks if h == "logits" or (h in model.hook_dict and
+                                                  (h != "hook_pos_embed" or learned_pos))]
 
 
 def _check_matrix(model, dtype, hooks, bound):
