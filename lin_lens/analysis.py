@@ -1,0 +1,452 @@
+"""Analyses of one linear map: SVD, stable rank, decoding singular vectors / rows / columns to
+tokens, and per-token contributions.
+
+Conventions (used everywhere in lin_lens):
+
+* **per token**: the SVD of each ``J_i`` (``[d_out, d_in]``), batched over source tokens.
+* **stacked**: the SVD of ``[J_0 | J_1 | … ]`` = ``rearrange(J, "s o i -> o (s i)")``, a
+  ``[d_out, n_src·d_in]`` matrix whose product with the flattened input ``x`` is ``Σ_i J_i x_i``.
+  Its right singular vectors live on all input tokens at once; ``Vh.reshape(k, n_src, d_in)``.
+* **sign**: a singular pair (u, v) is only defined up to a joint sign. We orient every pair so
+  that ``v·x ≥ 0`` (x = that token's input, or the flattened input when stacked); then
+  ``u·(J x) = s (v·x) ≥ 0``: u is the direction the *actual* input pushes the output along.
+  Decoded lists also give the opposite end (``-u``, ``-v``) so nothing is hidden by the choice.
+* **decoding the output side** (a vector u in the residual space): ``W_U^T (w ⊙ C u)`` with
+  ``w`` the final norm's weight and ``C`` its mean-centering (LayerNorm only). With the final norm
+  scale frozen (detached mode) this is exactly the change of the logits per unit of u, up to the
+  positive factor 1/scale, so the ranking is the model's own. The paper multiplies by W_U alone;
+  ``through_norm=False`` gives that. Maps at ``"logits"`` are already over the vocabulary.
+* **decoding the input side** (a vector v in the embedding / residual space): cosine similarity
+  with the rows of ``W_E`` (the paper's choice).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lin_lens.result import LinearMap
+
+# -- token strings ---------------------------------------------------------------------------
+
+
+def visible(s: str) -> str:
+    """Whitespace made visible: ' ' → '·', newline → '↵', tab → '⇥'; empty → '∅'."""
+    return s.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def token_strings(model: Any, ids: Any) -> list[str]:
+    """Readable strings for token ids (``#id`` when the model has no tokenizer)."""
+    ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return [f"#{i}" for i in ids]
+    return [visible(tok.decode([i], clean_up_tokenization_spaces=False)) for i in ids]
+
+
+# -- SVD and stable rank -----------------------------------------------------------------------
+
+
+@dataclass
+class SVD:
+    """Top-k singular triplets of a (batch of) matrices, oriented by the sign convention above.
+
+    ``U [..., d_out, k]``, ``S [..., k]``, ``Vh [..., k, d_in]``; ``spectrum [..., r]`` holds
+    all singular values (stable rank needs them even when k is small).
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+    spectrum: Tensor
+    stacked: bool = False
+
+    @property
+    def stable_rank(self) -> Tensor:
+        return stable_rank(self.spectrum, singular_values=True)
+
+    def reconstruct(self) -> Tensor:
+        """``U diag(S) Vh`` (the matrix itself when k is the full rank)."""
+        return (self.U * self.S[..., None, :]) @ self.Vh
+
+
+def _orient(U: Tensor, Vh: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
+    if x is not None:
+        ref = torch.einsum("...ki,...i->...k", Vh, x.to(Vh.dtype))
+    else:  # no input: make each v's largest-magnitude entry positive
+        idx = Vh.abs().argmax(-1, keepdim=True)
+        ref = Vh.gather(-1, idx)[..., 0]
+    sign = torch.where(ref < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign[..., None, :], Vh * sign[..., :, None]
+
+
+def stacked_operator(J: Float[Tensor, "... src d_out d_in"]) -> Float[Tensor, "... d_out sd"]:
+    """``[J_0 | J_1 | …]``: ``[..., d_out, n_src·d_in]`` (source-major columns)."""
+    return einops.rearrange(J, "... s o i -> ... o (s i)")
+
+
+def svd(lm: LinearMap | Tensor, k: int | None = None, *, stacked: bool = False,
+        x: Tensor | None = None) -> SVD:
+    """SVD of a linear map's per-token operators (``[n_src, …]`` batch) or of the stacked one.
+
+    Args:
+        lm: a :class:`LinearMap` (int position, or a multi-target map: target axis kept as a
+            batch axis) or a tensor ``[..., d_out, d_in]`` (``[..., src, d_out, d_in]`` with
+            ``stacked=True``).
+        k: number of triplets to keep (default all).
+        stacked: SVD of ``[d_out, n_src·d_in]`` instead of one per source token.
+        x: input used for the sign convention (taken from the map by default).
+    """
+    if isinstance(lm, LinearMap):
+        J, x = lm.J, lm.x if x is None else x
+    else:
+        J = lm
+    if stacked:
+        J = stacked_operator(J)
+        x = None if x is None else x.reshape(-1)
+    m, n = J.shape[-2], J.shape[-1]
+    if m >= GRAM_RATIO * n and J.numel() >= GRAM_MIN_NUMEL:
+        U, S, Vh = _gram_svd(J, k)
+    else:
+        U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    U, Vh = _orient(U, Vh, x)
+    k = S.shape[-1] if k is None else min(k, S.shape[-1])
+    return SVD(U[..., :k], S[..., :k], Vh[..., :k, :], S, stacked)
+
+
+# Tall, large matrices (maps at "logits": d_out = vocab) go through the float64 Gram matrix:
+# ~5x faster than LAPACK's SVD there; singular values accurate to ~1e-16·s_max²/s.
+GRAM_RATIO, GRAM_MIN_NUMEL = 4, 20_000_000
+
+
+def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    G = J.transpose(-1, -2).double() @ J.double()
+    ev, V = torch.linalg.eigh(G)  # ascending
+    S = ev.flip(-1).clamp_min(0).sqrt()
+    V = V.flip(-1)
+    kk = S.shape[-1] if k is None else min(k, S.shape[-1])
+    Vk = V[..., :kk]
+    Sk = S[..., :kk]
+    # U = J V / S for the kept triplets (zero where s = 0)
+    U = (J.double() @ Vk) / torch.where(Sk > 0, Sk, 1.0)[..., None, :]
+    return U.to(J.dtype), S.to(J.dtype), Vk.transpose(-1, -2).to(J.dtype)
+
+
+def stable_rank(obj: LinearMap | SVD | Tensor, *, stacked: bool = False,
+                singular_values: bool = False) -> Tensor:
+    """Stable rank ``Σ s² / s_max²`` (between 1 and the rank; 0 for a zero matrix).
+
+    A :class:`LinearMap` gives one value per source token (``[n_src]``), or one for the stacked
+    operator; a tensor ``[..., m, n]`` one per matrix; with ``singular_values=True`` the tensor is
+    taken as singular values ``[..., r]``.
+    """
+    if isinstance(obj, SVD):
+        return obj.stable_rank
+    if isinstance(obj, LinearMap):
+        J = stacked_operator(obj.J) if stacked else obj.J
+        s = torch.linalg.svdvals(J)
+    elif singular_values:
+        s = obj
+    else:
+        s = torch.linalg.svdvals(stacked_operator(obj) if stacked else obj)
+    s2 = s.pow(2)
+    top = s2.amax(-1)
+    return torch.where(top > 0, s2.sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+
+
+# -- decoding vectors to tokens --------------------------------------------------------------
+
+
+def norm_params(ln: Any) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) of a norm module, HookedTransformer (``w``/``b``) or Bridge (the wrapped
+    Hugging Face module's ``weight``/``bias``); None where absent (e.g. folded ``RMSPre``)."""
+    out = []
+    hf = getattr(ln, "original_component", None)
+    for names in (("w", "weight"), ("b", "bias")):
+        t = None
+        for obj in ((hf, ln) if hf is not None else (ln,)):  # Bridge: the HF module first
+            for n in names:
+                v = getattr(obj, n, None) if obj is not None else None
+                if isinstance(v, Tensor):
+                    t = v.detach()
+                    # Hugging Face's Gemma norms scale by (1 + weight)
+                    if obj is hf and n == "weight" and type(hf).__name__.startswith("Gemma"):
+                        t = 1.0 + t
+                    break
+            if t is not None:
+                break
+        out.append(t)
+    return out[0], out[1]
+
+
+def _final_norm(model: Any) -> tuple[Tensor | None, bool]:
+    """(weight or None, centers?) of the final norm, for HookedTransformer and Bridge."""
+    w, _ = norm_params(getattr(model, "ln_final", None))
+    ntype = str(getattr(model.cfg, "normalization_type", "") or "")
+    return w, ntype.startswith("LN")
+
+
+def output_logit_directions(model: Any, U: Float[Tensor, "d_model n"], *,
+                            through_norm: bool = True) -> Float[Tensor, "d_vocab n"]:
+    """Logit change per unit of each residual-space column of ``U`` (see module docstring)."""
+    W_U = model.W_U.detach()
+    U = U.to(W_U.dtype)
+    if through_norm:
+        w, center = _final_norm(model)
+        if center:
+            U = U - U.mean(0, keepdim=True)
+        if w is not None:
+            U = U * w.detach().to(U.dtype)[:, None]
+    return W_U.T @ U
+
+
+def input_similarities(model: Any, V: Float[Tensor, "d_model n"]) -> Float[Tensor, "d_vocab n"]:
+    """Cosine similarity of each column of ``V`` with every row of ``W_E``."""
+    W_E = model.W_E.detach()
+    V = V.to(W_E.dtype)
+    num = W_E @ V
+    den = W_E.norm(dim=-1, keepdim=True) * V.norm(dim=0, keepdim=True)
+    return num / den.clamp_min(torch.finfo(W_E.dtype).tiny)
+
+
+@dataclass
+class TokenList:
+    """The ``top`` vocabulary entries of one score vector, both ends."""
+
+    tokens: list[str]
+    ids: list[int]
+    scores: list[float]
+    neg_tokens: list[str]
+    neg_ids: list[int]
+    neg_scores: list[float]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return " ".join(self.tokens)
+
+
+def top_tokens(model: Any, scores: Float[Tensor, " d_vocab"], top: int = 5) -> TokenList:
+    """Largest and smallest entries of a vocabulary score vector, as readable tokens."""
+    top = min(top, scores.shape[-1])
+    hi, lo = scores.topk(top), (-scores).topk(top)
+    return TokenList(token_strings(model, hi.indices), hi.indices.tolist(),
+                     hi.values.tolist(), token_strings(model, lo.indices), lo.indices.tolist(),
+                     (-lo.values).tolist())
+
+
+def _space(model: Any, lm: LinearMap) -> tuple[str | None, str | None]:
+    """Where the output / input vectors live: 'vocab', 'resid' or None (not decodable)."""
+    d_model = model.cfg.d_model
+    d_out, d_in = lm.J.shape[-2], lm.J.shape[-1]
+    if lm.hook == "logits" and lm.out_index is None and lm.direction is None:
+        out = "vocab"
+    else:
+        out = "resid" if d_out == d_model else None
+    return out, ("resid" if d_in == d_model else None)
+
+
+def decode_vectors(model: Any, vectors: Float[Tensor, "d n"], space: str, top: int = 5, *,
+                   through_norm: bool = True) -> list[TokenList]:
+    """Decode columns: ``space`` 'vocab' (already logits), 'out' (residual → W_U) or 'in'
+    (cosine with W_E)."""
+    if space == "vocab":
+        scores = vectors
+    elif space == "out":
+        scores = output_logit_directions(model, vectors, through_norm=through_norm)
+    elif space == "in":
+        scores = input_similarities(model, vectors)
+    else:
+        raise ValueError(f"space must be 'vocab', 'out' or 'in', got {space!r}")
+    return [top_tokens(model, scores[:, j], top) for j in range(scores.shape[1])]
+
+
+# -- one-call analysis of a map --------------------------------------------------------------
+
+
+@dataclass
+class Contributions:
+    """``‖J_i x_i‖`` per source token and two kinds of share.
+
+    ``share`` = norm / Σ norms; ``along`` = ⟨J_i x_i, act⟩ / ‖act‖² (signed; together with
+    ``constant_along`` it sums to 1 up to the reconstruction error).
+    """
+
+    norm: Tensor
+    share: Tensor
+    along: Tensor
+    constant_along: float
+
+
+def contributions(lm: LinearMap) -> Contributions:
+    c = lm.contributions()
+    if c.ndim != 2:
+        raise ValueError("contributions() needs a single-target map (int pos or lm.at(k))")
+    norm = c.norm(dim=-1)
+    act = lm.act.reshape(-1)
+    a2 = act.dot(act).clamp_min(torch.finfo(act.dtype).tiny)
+    return Contributions(norm, norm / norm.sum().clamp_min(torch.finfo(norm.dtype).tiny),
+                         (c @ act) / a2, float(lm.constant.reshape(-1).dot(act) / a2))
+
+
+@dataclass
+class Decoding:
+    """Everything :func:`decode` computes for one target position. Plain data.
+
+    Per source token i: ``S[i]`` top-k singular values, ``stable_rank[i]``, ``out[i][j]`` /
+    ``inp[i][j]`` the decoded j-th output- / input-side singular vector (``None`` where the
+    space is not decodable), ``cols[i]`` / ``rows[i]`` the largest-norm columns / rows decoded
+    (``(index, norm, TokenList)``). ``stacked_*`` the same for the stacked operator (its input
+    side decoded on the source token holding most of each v's weight, ``stacked_in_token``).
+    """
+
+    hook: str
+    source: str
+    position: int
+    tokens: list[str]
+    S: Tensor
+    stable_rank: Tensor
+    contrib: Contributions
+    out: list[list[TokenList | None]]
+    inp: list[list[TokenList | None]]
+    cols: list[list[tuple[int, float, TokenList | None]]]
+    rows: list[list[tuple[int, float, TokenList | None]]]
+    stacked_S: Tensor
+    stacked_stable_rank: float
+    stacked_out: list[TokenList | None]
+    stacked_in: list[TokenList | None]
+    stacked_in_token: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        def tl(t):
+            return None if t is None else t.to_dict()
+
+        return {
+            "hook": self.hook, "source": self.source, "position": self.position,
+            "tokens": self.tokens, "S": self.S.tolist(), "stable_rank": self.stable_rank.tolist(),
+            "norm": self.contrib.norm.tolist(), "share": self.contrib.share.tolist(),
+            "along": self.contrib.along.tolist(), "constant_along": self.contrib.constant_along,
+            "out": [[tl(t) for t in r] for r in self.out],
+            "in": [[tl(t) for t in r] for r in self.inp],
+            "cols": [[(j, n, tl(t)) for j, n, t in r] for r in self.cols],
+            "rows": [[(j, n, tl(t)) for j, n, t in r] for r in self.rows],
+            "stacked_S": self.stacked_S.tolist(),
+            "stacked_stable_rank": self.stacked_stable_rank,
+            "stacked_out": [tl(t) for t in self.stacked_out],
+            "stacked_in": [tl(t) for t in self.stacked_in],
+            "stacked_in_token": self.stacked_in_token,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.hook} ← {self.source} at position {self.position}"]
+        for i, t in enumerate(self.tokens):
+            u = self.out[i][0] if self.out[i] else None
+            v = self.inp[i][0] if self.inp[i] else None
+            lines.append(
+                f"{i:>3} {t!r:>14} ‖Jx‖={float(self.contrib.norm[i]):9.3g} "
+                f"share={float(self.contrib.share[i]):5.2f} sr={float(self.stable_rank[i]):6.2f} "
+                f"s1={float(self.S[i, 0]):9.3g}  U1: {u or '-'}  V1: {v or '-'}")
+        u = self.stacked_out[0] if self.stacked_out else None
+        lines.append(f"stacked: sr={self.stacked_stable_rank:.2f} U1: {u or '-'}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        def cell(t):
+            return html.escape(" ".join(t.tokens) if t is not None else "–")
+
+        head = ("<tr><th>#</th><th>token</th><th>‖J x‖</th><th>share</th><th>stable rank</th>"
+                "<th>s₁</th><th>U₁ → tokens</th><th>V₁ → tokens</th></tr>")
+        body = ""
+        for i, t in enumerate(self.tokens):
+            body += (
+                f"<tr><td>{i}</td><td><code>{html.escape(t)}</code></td>"
+                f"<td>{float(self.contrib.norm[i]):.3g}</td>"
+                f"<td>{float(self.contrib.share[i]):.2f}</td>"
+                f"<td>{float(self.stable_rank[i]):.2f}</td><td>{float(self.S[i, 0]):.3g}</td>"
+                f"<td>{cell(self.out[i][0] if self.out[i] else None)}</td>"
+                f"<td>{cell(self.inp[i][0] if self.inp[i] else None)}</td></tr>")
+        body += (
+            f"<tr><td>all</td><td><i>stacked</i></td><td></td><td></td>"
+            f"<td>{self.stacked_stable_rank:.2f}</td><td>{float(self.stacked_S[0]):.3g}</td>"
+            f"<td>{cell(self.stacked_out[0] if self.stacked_out else None)}</td>"
+            f"<td>{cell(self.stacked_in[0] if self.stacked_in else None)}</td></tr>")
+        cap = html.escape(f"{self.hook} ← {self.source}, position {self.position}")
+        return f"<table><caption>{cap}</caption>{head}{body}</table>"
+
+
+def _single(lm: LinearMap, target: int) -> LinearMap:
+    return lm if lm.int_pos else lm.at(target)
+
+
+def decode(model: Any, lm: LinearMap, k: int = 3, top: int = 5, *, n_rows: int = 3,
+           target: int = -1, through_norm: bool = True) -> Decoding:
+    """SVD, stable rank, decoded singular vectors / rows / columns and contributions of a map.
+
+    Args:
+        model: the model the map came from (for W_U, W_E and the tokenizer).
+        lm: a :class:`LinearMap`; for a multi-target map, ``target`` picks the position.
+        k: singular vectors decoded per token (and for the stacked operator).
+        top: tokens shown per decoded vector (and as many from the opposite end).
+        n_rows: largest-norm rows and columns decoded per token.
+        through_norm: decode output-side vectors through the final norm's weight (default).
+    """
+    lm = _single(lm, target)
+    out_space, in_space = _space(model, lm)
+    if lm.hook in ("ln_final.hook_out", "unembed.hook_in"):
+        through_norm = False  # already past the final norm's weight
+    J = lm.J
+    dec = svd(lm, k)
+    st = svd(lm, k, stacked=True)
+
+    def dec_out(cols: Tensor) -> list:
+        if out_space is None:
+            return [None] * cols.shape[1]
+        return decode_vectors(model, cols, "vocab" if out_space == "vocab" else "out", top,
+                              through_norm=through_norm)
+
+    def dec_in(cols: Tensor) -> list:
+        if in_space is None:
+            return [None] * cols.shape[1]
+        return decode_vectors(model, cols, "in", top)
+
+    out, inp, cols, rows = [], [], [], []
+    for i in range(J.shape[0]):
+        out.append(dec_out(dec.U[i]))
+        inp.append(dec_in(dec.Vh[i].T))
+        cn = J[i].norm(dim=0)  # column j: what input coordinate j writes (output side)
+        ci = cn.topk(min(n_rows, cn.numel())).indices
+        cols.append(list(zip(ci.tolist(), cn[ci].tolist(), dec_out(J[i][:, ci]), strict=True)))
+        rn = J[i].norm(dim=1)  # row r: what output coordinate r reads (input side)
+        ri = rn.topk(min(n_rows, rn.numel())).indices
+        rows.append(list(zip(ri.tolist(), rn[ri].tolist(), dec_in(J[i][ri].T), strict=True)))
+    # stacked V: decode the block of the source token that carries most of the vector
+    Vb = st.Vh.reshape(st.Vh.shape[0], J.shape[0], J.shape[-1])
+    which = Vb.norm(dim=-1).argmax(-1)
+    Vsel = Vb[torch.arange(Vb.shape[0]), which].T
+    tokens = (token_strings(model, lm.tokens) if lm.tokens is not None
+              else [f"[{i}]" for i in range(J.shape[0])])
+    return Decoding(
+        hook=lm.hook, source=lm.source, position=lm.positions[0], tokens=tokens, S=dec.S,
+        stable_rank=dec.stable_rank, contrib=contributions(lm), out=out, inp=inp, cols=cols,
+        rows=rows, stacked_S=st.S, stacked_stable_rank=float(st.stable_rank),
+        stacked_out=dec_out(st.U), stacked_in=dec_in(Vsel), stacked_in_token=which.tolist(),
+        meta={"through_norm": through_norm, "out_space": out_space, "in_space": in_space})
+
+
+def top_singular_tokens(model: Any, lm: LinearMap, k: int = 3, top: int = 5,
+                        **kw: Any) -> list[dict]:
+    """Shortcut: per source token, the decoded top-k U (output) and V (input) vectors as
+    lists of token strings."""
+    d = decode(model, lm, k, top, **kw)
+    return [{"token": t, "S": d.S[i].tolist(),
+             "U": [None if u is None else u.tokens for u in d.out[i]],
+             "V": [None if v is None else v.tokens for v in d.inp[i]]}
+            for i, t in enumerate(d.tokens)]

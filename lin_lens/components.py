@@ -1,0 +1,342 @@
+"""Per-head operators and the exact decomposition of an activation into what each component wrote.
+
+In detached mode the residual stream at any point is a plain sum of what was written into it:
+the token and position embeddings, each head's ``z_h W_O[h]``, each attention bias ``b_O``, each
+MLP's output and bias ``b_out``. Past the residual stream, every norm has a frozen scale, so the
+final norm (and a post-attention/post-MLP norm, Gemma) is a *linear* map ``P``; the direct
+contribution of a component to a target after the final norm is ``P`` applied to what it wrote —
+exactly TransformerLens' ``cache.apply_ln_to_stack`` with the cached scale. Biases that sit after
+the residual stream (``ln_final.b``, ``unembed.b_U``) are their own components. The parts sum to
+the target to rounding.
+
+Each component's output is itself exactly linear in the input embeddings, so with
+``operators=True`` every part also gets its own operator ``J_c`` (``[n_src, d_out, d_in]``) and
+constant with ``part_c = Σ_i J_c[i] x_i + const_c``; the ``J_c`` sum to the whole map's ``J``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lin_lens.analysis import norm_params
+from lin_lens.gates import softcap_gate
+from lin_lens.linear_map import _positions, linear_map, to_tokens
+from lin_lens.result import LinearMap
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
+FINAL = ("ln_final.hook_normalized", "logits")
+
+
+def _W_O(model: Any, layer: int) -> Tensor:
+    return model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
+
+
+def head_operators(model: Any, inputs: Any, layer: int, pos: Any = -1, *,
+                   source: str = "hook_embed", **kw: Any) -> list[LinearMap]:
+    """One exact :class:`LinearMap` per head of ``layer``: its output ``z_h W_O[h]`` (TL's
+    ``attn.hook_result``, without ``b_O`` and before any post-attention norm).
+
+    Computed from a single map at ``attn.hook_z`` (``n_heads·d_head`` rows instead of
+    ``n_heads·d_model``): ``J_h = W_O[h]ᵀ J_z[h]``, a rank ≤ d_head operator per source token.
+    ``kw`` goes to :func:`lin_lens.linear_map`.
+    """
+    lz = linear_map(model, inputs, f"blocks.{layer}.attn.hook_z", pos, source=source, **kw)
+    W_O = _W_O(model, layer).to(lz.J4.dtype)
+    n_heads, d_head, _ = W_O.shape
+    J = lz.J4.reshape(*lz.J4.shape[:2], n_heads, d_head, -1)
+    act = lz.act4.reshape(-1, n_heads, d_head)
+    maps = []
+    for h in range(n_heads):
+        Jh = torch.einsum("tsdi,dm->tsmi", J[:, :, h], W_O[h])
+        consts = {k: v.reshape(-1, n_heads, d_head)[:, h] @ W_O[h] for k, v in lz.constants.items()}
+        lm = LinearMap(Jh, lz.x, act[:, h] @ W_O[h], consts, f"blocks.{layer}.attn.hook_result",
+                       lz.source, lz.positions, (W_O.shape[-1],), tokens=lz.tokens,
+                       detached=lz.detached, int_pos=lz.int_pos)
+        lm.meta = {"head": h, "layer": layer}
+        maps.append(lm)
+    return maps
+
+
+# -- decomposition -----------------------------------------------------------------------------
+
+
+@dataclass
+class Decomposition:
+    """``parts[c]`` is what component ``labels[c]`` contributes to the target; Σ parts = act.
+
+    ``kinds[c]`` ∈ {'embed', 'pos_embed', 'head', 'mlp', 'bias'}. ``operators`` / ``constants``
+    (with ``operators=True``): per component ``J_c [n_src, d_out, d_in]`` and ``[d_out]``.
+    """
+
+    hook: str
+    position: int
+    labels: list[str]
+    kinds: list[str]
+    parts: Float[Tensor, "comp d_out"]
+    act: Float[Tensor, " d_out"]
+    tokens: Tensor | None = None
+    x: Tensor | None = None
+    operators: dict[str, Tensor] | None = None
+    constants: dict[str, Tensor] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def total(self) -> Tensor:
+        return self.parts.sum(0)
+
+    @property
+    def relative_error(self) -> float:
+        """‖act − Σ parts‖ / ‖act‖."""
+        return float((self.act - self.total()).norm() / self.act.norm())
+
+    def __getitem__(self, label: str) -> Tensor:
+        return self.parts[self.labels.index(label)]
+
+    def along(self) -> Tensor:
+        """Signed share of each part along the target: ⟨part, act⟩ / ‖act‖² (sums to 1)."""
+        return self.parts @ self.act / self.act.dot(self.act)
+
+    def grouped(self) -> tuple[list[str], Tensor]:
+        """Heads + ``b_O`` → ``{L}_attn_out``, MLP + ``b_out`` → ``{L}_mlp_out`` (TL's
+        ``decompose_resid`` labels); other components unchanged."""
+        out: dict[str, Tensor] = {}
+        for lab, part in zip(self.labels, self.parts, strict=True):
+            m = re.match(r"^(?:L(\d+)H\d+|blocks\.(\d+)\.attn\.b_O)$", lab)
+            n = re.match(r"^(?:L(\d+)\.mlp|blocks\.(\d+)\.mlp\.b_out)$", lab)
+            if m:
+                key = f"{m.group(1) or m.group(2)}_attn_out"
+            elif n:
+                key = f"{n.group(1) or n.group(2)}_mlp_out"
+            else:
+                key = lab
+            out[key] = out[key] + part if key in out else part.clone()
+        return list(out), torch.stack(list(out.values()))
+
+    def top(self, n: int = 10) -> list[tuple[str, float, float]]:
+        """The ``n`` components with the largest |along|: (label, norm, along)."""
+        a = self.along()
+        idx = a.abs().argsort(descending=True)[:n]
+        return [(self.labels[i], float(self.parts[i].norm()), float(a[i])) for i in idx]
+
+    def to_dict(self) -> dict:
+        d = {"hook": self.hook, "position": self.position, "labels": self.labels,
+             "kinds": self.kinds, "norm": self.parts.norm(dim=-1).tolist(),
+             "along": self.along().tolist(), "relative_error": self.relative_error}
+        if self.tokens is not None:
+            d["tokens"] = self.tokens.tolist()
+        return d
+
+    def _repr_html_(self, n: int = 12) -> str:
+        rows = "".join(
+            f"<tr><td><code>{html.escape(lab)}</code></td><td>{nm:.3g}</td><td>{al:+.3f}</td></tr>"
+            for lab, nm, al in self.top(n))
+        cap = html.escape(f"{self.hook} at position {self.position}: {len(self.labels)} "
+                          f"components, relative error {self.relative_error:.1e}")
+        return (f"<table><caption>{cap}</caption><tr><th>component</th><th>‖part‖</th>"
+                f"<th>share along target</th></tr>{rows}</table>")
+
+
+def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
+    """(layers fully included, attention of the next layer included?, final norm applied?)."""
+    if hook in FINAL:
+        return model.cfg.n_layers, False, True
+    m = _RESID.match(hook)
+    if not m:
+        raise ValueError(f"decompose needs a residual-stream target (blocks.L.hook_resid_pre/"
+                         f"mid/post, {', '.join(FINAL)}), got {hook!r}")
+    L, where = int(m.group(1)), m.group(2)
+    return (L + 1 if where == "post" else L), where == "mid", False
+
+
+def _bias(module: Any, name: str) -> Tensor | None:
+    b = getattr(module, name, None)
+    if isinstance(b, Tensor) and bool(b.detach().ne(0).any()):
+        return b.detach()
+    return None
+
+
+def _post_norm(block: Any, cache: Any, layer: int, which: str, t: int):
+    """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise."""
+    ln = getattr(block, f"{which}_post", None)
+    if ln is None:
+        return lambda v: v
+    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"][0, t]
+    w, _ = norm_params(ln)
+    center = _centers(block.cfg if hasattr(block, "cfg") else None, ln)
+
+    def f(v: Tensor) -> Tensor:
+        v = v - v.mean(-1, keepdim=True) if center else v
+        v = v / scale
+        return v * w.detach() if w is not None else v
+
+    return f
+
+
+def _centers(cfg: Any, ln: Any) -> bool:
+    """Does this norm subtract the mean (LayerNorm) or not (RMSNorm)?"""
+    name = type(ln).__name__
+    if "RMS" in name:
+        return False
+    if "LayerNorm" in name or name.startswith("LN"):
+        return True
+    return str(getattr(cfg, "normalization_type", "") or "").startswith("LN")
+
+
+def _final_projection(model: Any, cache: Any, logits: Tensor, hook: str, t: int,
+                      out_index: Tensor | None):
+    """(P [d_out, d_model], extra bias parts {name: [d_out]}) of the frozen final readout."""
+    ln = model.ln_final
+    d_model = model.cfg.d_model
+    dtype = cache["ln_final.hook_scale"].dtype
+    eye = torch.eye(d_model, dtype=dtype, device=logits.device)
+    center = _centers(model.cfg, ln)
+    C = eye - 1.0 / d_model if center else eye
+    P = C / cache["ln_final.hook_scale"][0, t]  # hook_normalized = C x / scale
+    extra: dict[str, Tensor] = {}
+    if hook == "logits":
+        w, b = norm_params(ln)
+        b = b if b is not None and bool(b.ne(0).any()) else None
+        if w is not None:
+            P = w.detach()[:, None] * P
+        W_U = model.W_U.detach()
+        P = W_U.T @ P
+        if b is not None:
+            extra["ln_final.b"] = b @ W_U
+        b_U = _bias(model, "b_U")
+        if b_U is not None:
+            extra["unembed.b_U"] = b_U
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+        if cap and cap > 0:  # logits = g ⊙ z with the frozen soft-cap gate
+            z = _unembed_input(model, cache, t) @ W_U + (b_U if b_U is not None else 0)
+            g = softcap_gate(z, cap)
+            P = g[:, None] * P
+            extra = {k: g * v for k, v in extra.items()}
+        if out_index is not None:
+            P = P[out_index]
+            extra = {k: v[out_index] for k, v in extra.items()}
+    return P, extra
+
+
+def _unembed_input(model: Any, cache: Any, t: int) -> Tensor:
+    ln = model.ln_final
+    v = cache["ln_final.hook_normalized"][0, t]
+    w, b = norm_params(ln)
+    v = v * w.detach() if w is not None else v
+    return v + b.detach() if b is not None else v
+
+
+def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
+              out_index: Any = None, operators: bool = False, prepend_bos: bool | None = None,
+              **kw: Any) -> Decomposition:
+    """Exact decomposition of the activation at ``hook`` (one position) into component parts.
+
+    Args:
+        hook: a residual-stream hook (``blocks.L.hook_resid_pre/mid/post``), the final norm's
+            output before its weight (``ln_final.hook_normalized`` = TL's ``apply_ln=True``
+            space), or ``"logits"``.
+        pos: the target position (an int).
+        out_index: for ``"logits"``, keep only these token ids.
+        operators: also compute each component's own linear operator from the token
+            embeddings (two maps per layer: ``attn.hook_z`` and ``hook_mlp_out``).
+        kw: passed to :func:`lin_lens.linear_map` when ``operators=True``.
+
+    Components: ``embed``, ``pos_embed``, ``L{l}H{h}`` (``z_h W_O[h]``), ``blocks.{l}.attn.b_O``,
+    ``L{l}.mlp`` (MLP output minus ``b_out``), ``blocks.{l}.mlp.b_out``, and for the logits
+    ``ln_final.b``, ``unembed.b_U``. A post-attention/-MLP norm (Gemma) is applied to its parts
+    with its frozen scale. Zero biases are left out.
+    """
+    if not isinstance(pos, int):
+        raise TypeError("decompose takes one int position")
+    tokens = to_tokens(model, inputs, prepend_bos)
+    t = _positions(pos, tokens.shape[1])[0]
+    n_full, with_attn, final = _stage(model, hook)
+    idx = None if out_index is None else torch.as_tensor(out_index, device=tokens.device)
+    if idx is not None and hook != "logits":
+        raise ValueError("out_index is for hook='logits'")
+
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    parts: list[tuple[str, str, Tensor]] = [("embed", "embed", cache["hook_embed"][0, t])]
+    if "hook_pos_embed" in cache.cache_dict:
+        parts.append(("pos_embed", "pos_embed", cache["hook_pos_embed"][0, t]))
+    layers = list(range(n_full)) + ([n_full] if with_attn else [])
+    for layer in layers:
+        block = model.blocks[layer]
+        post_a = _post_norm(block, cache, layer, "ln1", t)
+        z = cache[f"blocks.{layer}.attn.hook_z"][0, t]
+        W_O = _W_O(model, layer)
+        for h in range(W_O.shape[0]):
+            parts.append((f"L{layer}H{h}", "head", post_a(z[h] @ W_O[h])))
+        b_O = _bias(block.attn, "b_O")
+        if b_O is not None:
+            parts.append((f"blocks.{layer}.attn.b_O", "bias", post_a(b_O)))
+        if layer == n_full:  # resid_mid: attention only
+            continue
+        post_m = _post_norm(block, cache, layer, "ln2", t)
+        b_out = _bias(block.mlp, "b_out")
+        mlp = cache[f"blocks.{layer}.hook_mlp_out"][0, t]
+        parts.append((f"L{layer}.mlp", "mlp", mlp - (post_m(b_out) if b_out is not None else 0)))
+        if b_out is not None:
+            parts.append((f"blocks.{layer}.mlp.b_out", "bias", post_m(b_out)))
+
+    labels = [p[0] for p in parts]
+    kinds = [p[1] for p in parts]
+    resid = torch.stack([p[2] for p in parts])
+    if final:
+        P, extra = _final_projection(model, cache, logits, hook, t, idx)
+        stack = resid @ P.T
+        if extra:
+            labels += list(extra)
+            kinds += ["bias"] * len(extra)
+            stack = torch.cat([stack, torch.stack(list(extra.values()))])
+        act = logits[0, t] if hook == "logits" else cache[hook][0, t]
+        if idx is not None:
+            act = act[idx]
+    else:
+        P, stack, act = None, resid, cache[hook][0, t]
+    dec = Decomposition(hook, t, labels, kinds, stack, act.detach(), tokens[0].cpu(),
+                        cache["hook_embed"][0].detach())
+    if operators:
+        _add_operators(model, tokens, dec, t, layers, n_full, P, **kw)
+    return dec
+
+
+def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layers: list[int],
+                   n_full: int, P: Tensor | None, **kw: Any) -> None:
+    """Fill ``dec.operators`` / ``dec.constants``: each part's own map from ``hook_embed``."""
+    n_src, d_model = dec.x.shape
+    proj = (lambda J: J) if P is None else (lambda J: torch.einsum("om,...mi->...oi", P, J))
+    proj_v = (lambda v: v) if P is None else (lambda v: P @ v)
+    ops: dict[str, Tensor] = {}
+    J_embed = torch.zeros(n_src, d_model, d_model, dtype=dec.x.dtype, device=dec.x.device)
+    J_embed[t] = torch.eye(d_model, dtype=dec.x.dtype, device=dec.x.device)
+    ops["embed"] = proj(J_embed)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    consts: dict[str, Tensor] = {"embed": torch.zeros_like(dec.parts[0])}
+    for layer in layers:
+        block = model.blocks[layer]
+        post_a = _post_norm(block, cache, layer, "ln1", t)
+        for h, hm in enumerate(head_operators(model, tokens, layer, t, **kw)):
+            # a post norm acts on the output axis: move it last, apply, move back
+            ops[f"L{layer}H{h}"] = proj(post_a(hm.J.transpose(-1, -2)).transpose(-1, -2))
+            consts[f"L{layer}H{h}"] = proj_v(post_a(hm.constant))
+        if layer == n_full:
+            continue
+        mlp = linear_map(model, tokens, f"blocks.{layer}.hook_mlp_out", t, **kw)
+        ops[f"L{layer}.mlp"] = proj(mlp.J)
+        # the map's own constants (computed independently of act − J x), minus b_out's own part
+        c = {k: v for k, v in mlp.constant_by_origin.items() if k != f"blocks.{layer}.mlp.b_out"}
+        consts[f"L{layer}.mlp"] = proj_v(sum(c.values(), torch.zeros_like(mlp.act)))
+    for lab, part in zip(dec.labels, dec.parts, strict=True):
+        if lab not in ops:  # positions and biases: constant parts
+            ops[lab] = torch.zeros(n_src, part.shape[-1], d_model, dtype=part.dtype,
+                                   device=part.device)
+            consts[lab] = part.clone()
+    dec.operators, dec.constants = ops, consts

@@ -1,0 +1,206 @@
+"""SVD, stable rank, decoding and contributions of a linear map (tiny float64 models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lin_lens
+from lin_lens.analysis import (
+    contributions,
+    decode,
+    decode_vectors,
+    output_logit_directions,
+    stable_rank,
+    stacked_operator,
+    svd,
+    token_strings,
+    top_singular_tokens,
+    visible,
+)
+from lin_lens.result import LinearMap
+from lin_lens.testing import tiny_model
+
+TOKENS = torch.tensor([3, 17, 5, 41, 8])
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def resid_map(gpt2):
+    return lin_lens.linear_map(gpt2, TOKENS, "blocks.1.hook_resid_post")
+
+
+def test_svd_reconstructs_per_token_and_stacked(resid_map):
+    J = resid_map.J
+    full = svd(resid_map)
+    assert full.U.shape == (5, 16, 16) and full.S.shape == (5, 16)
+    assert (full.reconstruct() - J).abs().max() < 1e-12 * J.abs().max()
+    st = svd(resid_map, stacked=True)
+    assert st.Vh.shape == (16, 5 * 16)
+    Js = stacked_operator(J)
+    assert (st.reconstruct() - Js).abs().max() < 1e-12 * Js.abs().max()
+    # the stacked operator times the flattened input is the linear part of the activation
+    lin = Js @ resid_map.x.reshape(-1)
+    assert torch.allclose(lin + resid_map.constant, resid_map.act, rtol=0, atol=1e-12)
+    # truncation keeps the top of the spectrum
+    top = svd(resid_map, k=2)
+    assert top.S.shape == (5, 2) and torch.equal(top.S, full.S[:, :2])
+    assert torch.allclose(top.stable_rank, full.stable_rank)
+
+
+def test_sign_convention_v_dot_x_nonnegative(resid_map):
+    per = svd(resid_map)
+    vx = torch.einsum("ski,si->sk", per.Vh, resid_map.x)
+    assert (vx >= 0).all()
+    st = svd(resid_map, stacked=True)
+    assert (st.Vh @ resid_map.x.reshape(-1) >= 0).all()
+    # hence u·(J x) = s (v·x) >= 0: u points where the actual input pushes the output
+    c = resid_map.contributions()
+    assert (torch.einsum("sok,so->sk", per.U, c) >= -1e-12).all()
+
+
+def test_stable_rank_values():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(7, 1, generator=g, dtype=torch.float64), torch.randn(1, 5, generator=g,
+                                                                            dtype=torch.float64)
+    assert abs(float(stable_rank(u @ v)) - 1.0) < 1e-12
+    assert abs(float(stable_rank(torch.eye(6, dtype=torch.float64))) - 6.0) < 1e-12
+    assert float(stable_rank(torch.diag(torch.tensor([2.0, 1.0])))) == pytest.approx(1.25)
+    assert float(stable_rank(torch.zeros(3, 3))) == 0.0
+    batch = torch.stack([u @ v, 3 * (u @ v)])
+    assert torch.allclose(stable_rank(batch), torch.ones(2, dtype=torch.float64))
+
+
+def test_stable_rank_of_map_matches_tensor(resid_map):
+    per = stable_rank(resid_map)
+    assert per.shape == (5,)
+    assert torch.allclose(per, stable_rank(resid_map.J))
+    assert torch.allclose(stable_rank(resid_map, stacked=True),
+                          stable_rank(stacked_operator(resid_map.J)))
+    assert (per >= 1).all() and (per <= 16).all()
+
+
+def _planted_map(model, hook, u, v, x, s=3.0):
+    """A rank-1 single-token map J = s u vᵀ with input x (a LinearMap built by hand)."""
+    J = (s * torch.outer(u, v))[None, None]
+    act = (J[0, 0] @ x)[None]
+    return LinearMap(J, x[None], act, {}, hook, "hook_embed", [0], (u.shape[0],),
+                     tokens=torch.tensor([2]), int_pos=True)
+
+
+def test_decode_planted_directions(llama):
+    """U decodes (through ln_final.w and W_U) to the planted output token, V (cosine with W_E)
+    to the planted input token, whatever sign the SVD returns."""
+    m = llama
+    out_tok, in_tok = 11, 29
+    w = m.ln_final.w.detach()
+    with torch.no_grad():
+        W_U = m.W_U.detach().clone()
+        e = torch.zeros(16, dtype=torch.float64)
+        e[4] = 1.0
+        m.W_U[:, out_tok] = 50.0 * e / w  # logit of out_tok reads coordinate 4 only
+    try:
+        v = m.W_E[in_tok].detach()
+        x = -2.0 * v  # input along -v: the sign convention must flip v
+        lm = _planted_map(m, "blocks.1.hook_resid_post", e, v / v.norm(), x)
+        d = decode(m, lm, k=1, top=3)
+        # x = -2 W_E[in]: the convention flips the pair, so J x pushes *against* out_tok
+        assert d.out[0][0].neg_ids[0] == out_tok and d.out[0][0].ids[0] != out_tok
+        assert d.inp[0][0].neg_ids[0] == in_tok
+        assert d.inp[0][0].neg_scores[0] == pytest.approx(-1.0)
+        assert d.stacked_out[0].neg_ids[0] == out_tok
+        # rows / columns carry no convention: the planted token is at one end
+        col, row = d.cols[0][0][2], d.rows[0][0][2]
+        assert out_tok in (col.ids[0], col.neg_ids[0])
+        assert in_tok in (row.ids[0], row.neg_ids[0])
+        # the same map with x along +v decodes at the top ends
+        d2 = decode(m, _planted_map(m, "blocks.1.hook_resid_post", e, v / v.norm(), v), k=1)
+        assert d2.out[0][0].ids[0] == out_tok and d2.inp[0][0].ids[0] == in_tok
+        assert abs(float(d.stable_rank[0]) - 1.0) < 1e-12
+    finally:
+        with torch.no_grad():
+            m.W_U.copy_(W_U)
+
+
+def test_decode_logits_map_is_over_vocab(gpt2):
+    v = torch.zeros(16, dtype=torch.float64)
+    v[0] = 1.0
+    u = torch.zeros(50, dtype=torch.float64)
+    u[42] = 1.0
+    lm = _planted_map(gpt2, "logits", u, v, v)
+    d = decode(gpt2, lm, k=1, top=2)
+    assert d.meta["out_space"] == "vocab"
+    assert d.out[0][0].ids[0] == 42 and d.out[0][0].scores[0] == pytest.approx(1.0)
+
+
+def test_output_directions_through_norm(llama, gpt2):
+    """The decoded logit direction is the exact logit change under the frozen final norm."""
+    for m in (llama, gpt2):
+        _, cache = m.run_with_cache(TOKENS)
+        r = cache["blocks.1.hook_resid_post"][0, -1]
+        scale = cache["ln_final.hook_scale"][0, -1]
+        du = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        lm = lin_lens.linear_map(m, TOKENS, "logits", source="blocks.1.hook_resid_post")
+        exact = lm.J[-1] @ du  # logits' response to du at the last position
+        pred = output_logit_directions(m, du[:, None])[:, 0] / scale
+        assert torch.allclose(pred, exact, atol=1e-10)
+        assert r.shape == du.shape
+
+
+def test_contributions_shares(resid_map):
+    c = contributions(resid_map)
+    assert torch.allclose(c.norm, resid_map.contributions().norm(dim=-1))
+    assert float(c.share.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(c.along.sum()) + c.constant_along == pytest.approx(1.0, abs=1e-12)
+
+
+def test_decode_real_map_renders(gpt2, resid_map):
+    d = decode(gpt2, resid_map, k=2, top=3)
+    assert d.tokens == ["#3", "#17", "#5", "#41", "#8"]
+    assert d.S.shape == (5, 2) and len(d.out) == 5 and len(d.out[0]) == 2
+    json.dumps(d.to_dict())
+    html = d._repr_html_()
+    assert html.startswith("<table>") and "stacked" in html
+    assert "‖Jx‖" in str(d)
+    rows = top_singular_tokens(gpt2, resid_map, k=1, top=2)
+    assert rows[0]["token"] == "#3" and len(rows[0]["U"][0]) == 2
+    # a multi-target map: pick the target
+    lm = lin_lens.linear_map(gpt2, TOKENS, "blocks.1.hook_resid_post", pos=[2, 4])
+    d2 = decode(gpt2, lm, k=1, target=0)
+    assert d2.position == 2 and d2.S.shape == (5, 1)
+
+
+def test_decode_vectors_and_token_strings(gpt2):
+    sims = decode_vectors(gpt2, gpt2.W_E[7].detach()[:, None], "in", top=1)
+    assert sims[0].ids == [7] and sims[0].scores[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        decode_vectors(gpt2, gpt2.W_E[:2].T, "sideways")
+    assert token_strings(gpt2, [4, 5]) == ["#4", "#5"]
+    assert visible(" the\n") == "·the↵" and visible("") == "∅"
+
+
+def test_gram_path_for_tall_maps(monkeypatch, resid_map):
+    """Tall, large operators (maps at "logits") use the float64 Gram matrix; same triplets."""
+    import lin_lens.analysis as A
+
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(2, 400, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 20, generator=g, dtype=torch.float64)  # rank 3, tall
+    ref = svd(J, k=3)
+    monkeypatch.setattr(A, "GRAM_MIN_NUMEL", 0)
+    got = svd(J, k=3)
+    assert torch.allclose(got.S, ref.S, rtol=1e-12)
+    assert torch.allclose(got.U, ref.U, atol=1e-10) and torch.allclose(got.Vh, ref.Vh, atol=1e-10)
+    assert (got.reconstruct() - J).abs().max() < 1e-12 * J.abs().max()
+    assert abs(float(stable_rank(got)[0]) - float(stable_rank(ref)[0])) < 1e-8
