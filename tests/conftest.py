@@ -28,6 +28,7 @@ def _quiet_offline_env():
 def skip_unless_hooked() -> None:
     """Skip the calling test (or module, at import) when transformer_lens has no
     HookedTransformer, i.e. TL >= 4.0. ``from conftest import skip_unless_hooked``."""
+    __tracebackhide__ = True  # report the skip at the caller's line, not here
     from importlib.metadata import version
 
     from lin_lens.backends import HAS_HOOKED
