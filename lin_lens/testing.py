@@ -32,6 +32,10 @@ HOOKED_ARCHS: dict[str, dict[str, Any]] = {
 BIAS_FREE = {"llama", "gemma", "qwen3"}
 
 
+class HookedTransformerUnavailable(ImportError):
+    """This transformer_lens has no HookedTransformer (4.x)."""
+
+
 def tiny_model(
     arch: str = "gpt2",
     dtype: torch.dtype = torch.float64,
@@ -41,9 +45,19 @@ def tiny_model(
     d_vocab: int = 50,
     **overrides: Any,
 ):
-    """A tiny random ``HookedTransformer`` of the given family (see ``HOOKED_ARCHS``)."""
+    """A tiny random ``HookedTransformer`` of the given family (see ``HOOKED_ARCHS``).
+
+    Raises :class:`HookedTransformerUnavailable` on TransformerLens 4.x (the test suite turns it
+    into a skip); :func:`tiny_bridge` works on every version.
+    """
     import warnings
 
+    from lin_lens.backends import HAS_HOOKED, TL_VERSION
+
+    if not HAS_HOOKED:
+        raise HookedTransformerUnavailable(
+            f"transformer_lens {TL_VERSION} has no HookedTransformer (removed in 4.0)"
+        )
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     if arch not in HOOKED_ARCHS:
