@@ -1,0 +1,150 @@
+"""``lin-lens``: analyse a prompt with exact linear maps and write an offline HTML report.
+
+    lin-lens analyze "The bridge out of Marin is the"
+    lin-lens analyze "w1 w2 w3" --model tiny-gpt2 --hook blocks.1.hook_resid_post --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS = ("smollm2-135m", "gemma3-270m", "tiny-gpt2")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+BACKENDS = ("hooked", "bridge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lin-lens",
+        description="Exact linear maps (detached Jacobians) of transformer activations.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser(
+        "analyze", help="analyse one prompt and write a self-contained HTML report",
+        description="Compute the exact operator of the final hidden state (and of any --hook) "
+                    "with respect to the input embeddings at one position, decode its singular "
+                    "vectors, and write an offline HTML report.",
+    )
+    a.add_argument("text", help="the prompt")
+    a.add_argument("--model", default="smollm2-135m", choices=MODELS,
+                   help="model (default: the embedded SmolLM2-135M; tiny-gpt2 is a tiny random "
+                        "GPT-2-style model for quick checks)")
+    a.add_argument("--hook", action="append", dest="hooks", metavar="NAME",
+                   help="target hook (repeatable; default ln_final.hook_normalized)")
+    a.add_argument("--pos", type=int, default=-1, help="target position (default -1, the last)")
+    a.add_argument("--dtype", default="float32", choices=DTYPES)
+    a.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="HookedTransformer or TransformerBridge (default: hooked where this "
+                        "TransformerLens has it)")
+    a.add_argument("--out", type=Path, default=Path("lin_lens_report.html"),
+                   help="report path (default ./lin_lens_report.html)")
+    a.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary to stdout instead of the text one")
+    a.add_argument("--sweep", nargs="?", const="all", default=None, metavar="LAYERS",
+                   help="also sweep layers (all, or a comma list such as 0,10,20,29): stable rank "
+                        "of resid_post / attn_out / mlp_out operators; slow on real models")
+    a.add_argument("--attn-layers", default=None, metavar="LAYERS",
+                   help="attention pattern layers to show (comma list; default the last)")
+    a.add_argument("--no-ordinary", action="store_true",
+                   help="skip the ordinary Jacobian (halves the time; no comparison in the plot)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _layers(arg: str | None, what: str, parser: argparse.ArgumentParser) -> Any:
+    if arg is None or arg == "all":
+        return arg is not None
+    try:
+        return [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"{what}: expected 'all' or a comma-separated list of integers, got {arg!r}")
+
+
+def load(name: str, dtype: str, backend: str | None) -> Any:
+    """A model by CLI name; the real ones through :mod:`lin_lens.models` (offline)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    if name == "tiny-gpt2":
+        from lin_lens.testing import tiny_model, tiny_tokenizer
+
+        if backend == "bridge":
+            from lin_lens.testing import tiny_bridge
+
+            return tiny_bridge("gpt2", dtype=dt)
+        model = tiny_model("gpt2", dtype=dt, d_vocab=50)
+        model.set_tokenizer(tiny_tokenizer(50), default_padding_side="right")
+        return model
+    from lin_lens.models import load_model
+
+    return load_model(name, dtype=dt, backend=backend)
+
+
+def _lin_lens_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause with arguments: shown as one line, exit code 2 (set
+    LIN_LENS_DEBUG=1 for the traceback)."""
+    from lin_lens._hooks import UnknownHookError
+    from lin_lens.gates import UnsupportedFeatureError
+    from lin_lens.result import NotExactError
+
+    return (UnknownHookError, UnsupportedFeatureError, NotExactError, ValueError, IndexError,
+            ImportError, FileNotFoundError)
+
+
+def analyze_cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    sweep = _layers(args.sweep, "--sweep", parser)
+    attn = _layers(args.attn_layers, "--attn-layers", parser) or None
+    if args.no_progress:
+        os.environ["LIN_LENS_PROGRESS"] = "0"
+    import lin_lens.progress
+
+    if args.no_progress:
+        lin_lens.progress.ENABLED = False
+    from lin_lens import report
+
+    log = sys.stderr
+    t0 = time.perf_counter()
+    try:
+        model = load(args.model, args.dtype, args.backend)
+        t_load = time.perf_counter() - t0
+        print(f"loaded {args.model} in {t_load:.1f}s", file=log)
+        a = report.analyze(model, args.text, args.hooks, args.pos, ordinary=not args.no_ordinary,
+                           sweep=sweep, attn_layers=attn, model_name=args.model,
+                           progress=not args.no_progress)
+        t1 = time.perf_counter()
+        path = report.write_report(a, args.out)
+        t_write = time.perf_counter() - t1
+    except _lin_lens_errors() as e:
+        if os.environ.get("LIN_LENS_DEBUG"):
+            raise
+        print(f"lin-lens: error: {e}", file=log)
+        return 2
+    s = report.summary(a)
+    s["report"] = str(path)
+    s["timings_s"].update(load=round(t_load, 3), report=round(t_write, 3))
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(report.format_summary(s))
+        print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "analyze":
+        return analyze_cmd(args, parser)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The main job: analyse one prompt and write one self-contained, offline HTML report.
+
+:func:`analyze` gathers everything (prediction, the exact operator at each hook and the ordinary
+Jacobian for comparison, per-token SVDs and stable ranks, decoded singular vectors, the signed
+contribution of every token to the predicted logit, attention patterns, optionally a layer sweep);
+:func:`render_report` turns it into HTML with the plots as base64 PNGs and the CircuitsVis bundle
+inlined once.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens import analysis, display, plots
+from lin_lens._hooks import resolve_hook
+from lin_lens.linear_map import linear_map, to_tokens
+from lin_lens.progress import progress_bar
+
+DEFAULT_HOOK = "ln_final.hook_normalized"
+
+
+@dataclass
+class HookAnalysis:
+    """The exact operator at one hook (one target position) and what we derive from it."""
+
+    hook: str
+    lm: Any  # LinearMap, J [n_src, d_out, d_in]
+    ordinary: Tensor | None  # the ordinary Jacobian's reconstruction [d_out]
+    S: Tensor  # [n_src, r] singular values per source token
+    stable_rank: Tensor  # [n_src]
+    decoded: list[dict]  # display.decode_svd output (U, V samples)
+    seconds: float = 0.0
+
+
+@dataclass
+class Analysis:
+    text: str
+    model_name: str
+    tokens: Tensor
+    str_tokens: list[str]
+    pos: int
+    prediction: list[tuple[str, float]]  # top next tokens with probabilities
+    hooks: dict[str, HookAnalysis]
+    logit_map: Any | None  # map of the predicted token's logit (d_out = 1)
+    attention: Any | None  # display.View
+    sweep: Any | None = None  # lin_lens.sweep.LayerSweep
+    timings: dict[str, float] = field(default_factory=dict)
+    dtype: str = ""
+
+
+# -- computing ----------------------------------------------------------------------------------
+
+def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int) -> Tensor:
+    """``J x + Σ_b J_b b`` of the *ordinary* (not detached) network at ``hook``, position ``pos``:
+    one forward-mode pass with every linear input (embeddings, positional embeddings, biases)
+    as its own tangent, instead of a full ordinary Jacobian (d_out backward passes). It is
+    what ``linear_map(..., detach=False).reconstruct()`` returns."""
+    import torch.autograd.forward_ad as fwAD
+
+    from lin_lens.linear_map import _is_bias
+
+    out: dict[str, Tensor] = {}
+    biases = {n: p for n, p in model.named_parameters() if _is_bias(n) and p.is_floating_point()}
+
+    def dual(t: Tensor, hook: Any) -> Tensor:
+        return fwAD.make_dual(t, t)
+
+    def grab(t: Tensor, hook: Any) -> None:
+        out["jvp"] = fwAD.unpack_dual(t).tangent
+
+    hooks = [(h, dual) for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
+    hooks.append((hook, grab))
+    with fwAD.dual_level(), torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        params = {n: fwAD.make_dual(p.detach(), p.detach()) for n, p in biases.items()}
+        torch.func.functional_call(model, params, (tokens,), {"return_type": None}, strict=False)
+    if out.get("jvp") is None:
+        raise ValueError(f"no forward-mode tangent reached {hook!r}")
+    return out["jvp"][0, pos].reshape(-1)
+
+
+def _ordinary(model: Any, tokens: Tensor, hook: str, pos: int, progress: Any) -> Tensor:
+    try:
+        return ordinary_reconstruction(model, tokens, hook, pos)
+    except Exception:  # e.g. an op without forward-mode AD: the full ordinary Jacobian
+        return linear_map(model, tokens, hook, pos, detach=False, check=False,
+                          progress=progress).reconstruct()
+
+
+def _hook_analysis(model, tokens, hook, pos, labels, ordinary, k, progress) -> HookAnalysis:
+    t0 = time.perf_counter()
+    lm = linear_map(model, tokens, hook, pos, progress=progress)
+    if lm.J.ndim != 3 or len(lm.out_shape) != 1:
+        raise ValueError(f"hook {hook!r}: the report needs a vector-valued activation, "
+                         f"got output shape {list(lm.out_shape)}")
+    orig = _ordinary(model, tokens, hook, pos, progress) if ordinary else None
+    dec = analysis.svd(lm)  # per token, oriented so that v·x_i ≥ 0
+    decoded = display.decode_svd(model, dec.U, dec.Vh.transpose(-1, -2), labels, k=k)
+    return HookAnalysis(hook, lm, orig, dec.S.float(), dec.stable_rank, decoded,
+                        time.perf_counter() - t0)
+
+
+def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos: int = -1, *,
+            ordinary: bool = True, sweep: bool | list[int] = False, attn_layers=None,
+            k: int = 8, model_name: str = "", progress: bool | None = None) -> Analysis:
+    """Everything the report shows, for one prompt and one target position."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tokens = to_tokens(model, text)
+    labels = display.str_tokens(model, tokens)
+    n = tokens.shape[1]
+    if not -n <= pos < n:
+        raise IndexError(f"position {pos} out of range for an input of {n} tokens")
+    with torch.no_grad():
+        logits = model(tokens, return_type="logits")[0, pos].double()
+    probs = logits.softmax(-1)
+    top = probs.topk(min(5, probs.numel()))
+    prediction = [(display.str_tokens(model, torch.tensor([i]))[0], float(p))
+                  for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+    timings["forward"] = time.perf_counter() - t0
+
+    hooks = list(hooks or [DEFAULT_HOOK])
+    for h in hooks:  # fail on a typo before any long computation
+        if h == "logits":
+            raise ValueError("the full map of the logits has d_vocab rows; the report maps "
+                             f"{DEFAULT_HOOK!r} (decoded through W_U) and the predicted logit")
+        resolve_hook(model, h)
+    results = {}
+    bar = progress_bar(len(hooks) + 2, "lin-lens analyze", progress, unit="step")
+    try:
+        for h in hooks:
+            bar.set_postfix_str(h)
+            results[h] = _hook_analysis(model, tokens, h, pos, labels, ordinary, k, progress)
+            timings[h] = results[h].seconds
+            bar.update()
+        t1 = time.perf_counter()
+        onehot = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+        onehot[int(top.indices[0])] = 1
+        bar.set_postfix_str("predicted logit")
+        logit_map = linear_map(model, tokens, "logits", pos, direction=onehot, progress=False)
+        timings["logit map"] = time.perf_counter() - t1
+        bar.update()
+        t1 = time.perf_counter()
+        bar.set_postfix_str("attention")
+        attn = display.attention_view(model, tokens, attn_layers, labels)
+        bar.update()
+        timings["attention"] = time.perf_counter() - t1
+    finally:
+        bar.close()
+    sweep_data = None
+    if sweep:
+        t1 = time.perf_counter()
+        layers = None if sweep is True else list(sweep)
+        sweep_data = _sweep(model, tokens, pos, layers, progress)
+        timings["sweep"] = time.perf_counter() - t1
+    timings["total"] = time.perf_counter() - t0
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return Analysis(text if isinstance(text, str) else "".join(labels), model_name, tokens[0].cpu(),
+                    labels, pos % n, prediction, results, logit_map, attn, sweep_data, timings,
+                    dtype)
+
+
+def _sweep(model: Any, tokens: Tensor, pos: int, layers: list[int] | None,
+           progress: Any) -> Any:
+    from lin_lens.sweep import layer_sweep
+
+    return layer_sweep(model, tokens, pos, layers=layers, progress=progress)
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+def summary(a: Analysis, n_tokens: int = 5) -> dict:
+    """A JSON-friendly summary (what ``lin-lens analyze --json`` prints)."""
+    out: dict[str, Any] = {
+        "model": a.model_name, "dtype": a.dtype, "text": a.text, "tokens": a.str_tokens,
+        "position": a.pos,
+        "prediction": [{"token": t, "prob": round(p, 6)} for t, p in a.prediction],
+        "hooks": {}, "timings_s": {k: round(v, 3) for k, v in a.timings.items()},
+    }
+    for h, r in a.hooks.items():
+        d = {"relative_error": r.lm.relative_error,
+             "relative_error_ordinary": None if r.ordinary is None else _rel(r.lm.act, r.ordinary),
+             "J_shape": list(r.lm.J.shape),
+             "stable_rank": [round(float(v), 3) for v in r.stable_rank],
+             "contribution_norm": [round(float(v), 4) for v in
+                                   torch.linalg.vector_norm(r.lm.contributions(), dim=-1)],
+             "decoded": {}}
+        for dec in r.decoded:
+            key = "U" if dec["label"].startswith("U") else "V"
+            d["decoded"][key] = [display.top_tokens(None, dec, i, 0, n_tokens)
+                                 for i in range(len(a.str_tokens))]
+        out["hooks"][h] = d
+    if a.logit_map is not None:
+        c = a.logit_map.contributions()[:, 0]
+        out["predicted_logit"] = {
+            "token": a.prediction[0][0], "logit": float(a.logit_map.act[0]),
+            "contributions": [round(float(v), 4) for v in c],
+            "constant": float(a.logit_map.constant[0]),
+            "relative_error": a.logit_map.relative_error,
+        }
+    if a.sweep is not None:
+        out["sweep"] = {"layers": a.sweep.layers, "stable_rank_stacked": {
+            k: [round(float(x), 3) for x in v] for k, v in a.sweep.stacked_stable_rank.items()},
+            "U1": [None if r[0] is None else r[0].tokens for r in a.sweep.out_tokens.get(
+                "resid_post", [])]}
+    return out
+
+
+def format_summary(s: dict) -> str:
+    """The short human-readable summary printed by the CLI."""
+    lines = [f"model {s['model']} ({s['dtype']}), {len(s['tokens'])} tokens, "
+             f"target position {s['position']}",
+             "prediction: " + ", ".join(f"{p['token']!r} {p['prob']:.3f}"
+                                        for p in s["prediction"])]
+    for h, d in s["hooks"].items():
+        ordv = d["relative_error_ordinary"]
+        lines.append(f"[{h}] J {d['J_shape']}  relative error {d['relative_error']:.2e}"
+                     + (f" (ordinary Jacobian {ordv:.2e})" if ordv is not None else ""))
+        lines.append(f"  {'token':>14}  {'‖J_i x_i‖':>9}  {'s.rank':>6}  top singular vector")
+        U = d["decoded"].get("U")
+        V = d["decoded"].get("V")
+        for i, t in enumerate(s["tokens"]):
+            dec = []
+            if U:
+                dec.append("U→ " + " ".join(repr(x) for x in U[i][:3]))
+            if V:
+                dec.append("V→ " + " ".join(repr(x) for x in V[i][:3]))
+            lines.append(f"  {t!r:>14}  {d['contribution_norm'][i]:9.3g}  "
+                         f"{d['stable_rank'][i]:6.2f}  {' | '.join(dec)}")
+    if "predicted_logit" in s:
+        p = s["predicted_logit"]
+        pairs = zip(s["tokens"], p["contributions"], strict=True)
+        top = sorted(pairs, key=lambda z: -abs(z[1]))[:3]
+        lines.append(f"logit of {p['token']!r} = {p['logit']:.4f} = Σ token contributions + "
+                     f"constant {p['constant']:.4f}; largest: "
+                     + ", ".join(f"{t!r} {v:+.3f}" for t, v in top))
+    if "sweep" in s:
+        sw = s["sweep"]
+        lines.append("layer sweep, stacked stable rank per layer " + str(sw["layers"]) + ":")
+        for kind, v in sw["stable_rank_stacked"].items():
+            lines.append(f"  {kind:>10}: " + " ".join(f"{x:.1f}" for x in v))
+        if sw["U1"]:
+            lines.append("  resid_post U1 of the last layers: " + " | ".join(
+                " ".join(t or []) for t in sw["U1"][-3:]))
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timings_s"].items()))
+    return "\n".join(lines)
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:20px auto;padding:0 12px;color:#222}
+h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}
+table.kv td,table.kv th{padding:2px 10px;text-align:left} .figs img{max-width:49%}
+code{background:#f3f3f3;padding:0 3px} .note{color:#555;font-size:.92em}
+"""
+
+
+def _kv(rows) -> str:
+    return "<table class='kv'>" + "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    ) + "</table>"
+
+
+def render_report(a: Analysis) -> str:
+    """The report as one HTML string (no external resources)."""
+    esc = html.escape
+    s = summary(a)
+    body: list[str] = [
+        f"<h1>lin_lens report: {esc(a.text)!s}</h1>",
+        _kv([("model", f"{a.model_name} ({a.dtype})"),
+             ("tokens", " | ".join(map(repr, a.str_tokens))), ("target position", a.pos),
+             ("prediction", ", ".join(f"{t!r} ({p:.3f})" for t, p in a.prediction))]),
+        "<p class='note'>Each operator is the detached Jacobian: every nonlinearity's A(x) frozen "
+        "at this input, so the output equals Σ<sub>i</sub> J<sub>i</sub> x<sub>i</sub> + constant "
+        "(biases) exactly. The ordinary Jacobian is shown for comparison.</p>",
+    ]
+    views: list[display.View] = []
+    if a.logit_map is not None:
+        p = s["predicted_logit"]
+        body.append(f"<h2>Contributions to the logit of {esc(repr(p['token']))}</h2>")
+        body.append(f"<p>logit {p['logit']:.4f} = Σ token contributions + constant "
+                    f"{p['constant']:.4f} (relative error {p['relative_error']:.1e})</p>")
+        fig = plots.contribution_bars(a.logit_map.contributions()[:, 0], a.str_tokens,
+                                      p["constant"] if a.logit_map.constants else None,
+                                      f"Contributions to the logit of {p['token']!r}")
+        body.append(f"<div class='figs'>{plots.to_img_tag(fig, 'contributions')}</div>")
+        views.append(display.contribution_view(a.logit_map, a.str_tokens, ""))
+        body.append("@@VIEW@@")
+    for h, r in a.hooks.items():
+        d = s["hooks"][h]
+        body.append(f"<h2>Operator at <code>{esc(h)}</code></h2>")
+        body.append(_kv([("J shape", d["J_shape"]),
+                         ("relative error (detached)", f"{d['relative_error']:.2e}"),
+                         ("relative error (ordinary Jacobian)",
+                          "—" if d["relative_error_ordinary"] is None
+                          else f"{d['relative_error_ordinary']:.2e}"),
+                         ("stable rank per token", ", ".join(f"{x:.2f}" for x in d["stable_rank"])),
+                         ("constant origins", len(r.lm.constants))]))
+        figs = [plots.reconstruction_scatter(r.lm, r.ordinary, title=f"Reconstruction at {h}"),
+                plots.singular_spectra(r.S, a.str_tokens)]
+        body.append("<div class='figs'>" + "".join(plots.to_img_tag(f, h) for f in figs)
+                    + "</div>")
+        views.append(display.contribution_view(r.lm, a.str_tokens, ""))
+        body.append("@@VIEW@@")
+        if r.decoded:
+            views.append(display.topk_view(r.decoded, title=""))
+            body.append("<h3>Decoded singular vectors per input token</h3><p class='note'>"
+                        "Choose the input token (first dimension) and the sample: U vectors "
+                        "decoded through the final norm and the unembedding, V vectors by cosine "
+                        "similarity with the embeddings. Signs are oriented so that "
+                        "v·x<sub>i</sub> &gt; 0.</p>@@VIEW@@")
+    if a.sweep is not None:
+        sw = a.sweep
+        body.append("<h2>Layer sweep</h2><p class='note'>Operators from the input embeddings to "
+                    "each layer's output (cumulative), attention and MLP outputs, and each layer's "
+                    "own transform (resid_pre → resid_post); stable rank of the stacked operator "
+                    "[J_0 | J_1 | …].</p>")
+        curves = {k: v for k, v in sw.stacked_stable_rank.items()}
+        figs = [plots.stable_rank_curves(curves, sw.layers)]
+        if "resid_post" in sw.proj_u:
+            figs.append(plots.projection_trajectory(sw.proj_u["resid_post"], sw.layers))
+        body.append("<div class='figs'>" + "".join(plots.to_img_tag(f) for f in figs) + "</div>")
+        samples = []
+        for kind, name in (("resid_post", "U"), ("resid_post", "V")):
+            lists = sw.out_tokens.get(kind) if name == "U" else sw.in_tokens.get(kind)
+            if lists and any(t is not None for r in lists for t in r):
+                samples.append(display.from_token_lists(
+                    lists, f"{kind} {name} → tokens", [f"layer {x}" for x in sw.layers]))
+        if samples:
+            views.append(display.topk_view(samples, "Layer", "", max_k=5))
+            body.append("<h3>Top singular vectors per layer, decoded</h3>@@VIEW@@")
+    if a.attention is not None:
+        attn = display.View([], "")  # the section heading replaces the view's own title
+        attn.panels = a.attention.panels
+        views.append(attn)
+        body.append("<h2>Attention patterns (frozen in the operator)</h2>@@VIEW@@")
+    body.append("<p class='note'>Timings: " + esc(", ".join(
+        f"{k} {v:.1f}s" for k, v in a.timings.items())) + "</p>")
+
+    calls: list[str] = []
+    text = "\n".join(body)
+    for v in views:
+        part, c = v.body()
+        calls += c
+        text = text.replace("@@VIEW@@", part, 1)
+    return display.page(f"lin_lens: {a.text}", text + "\n" + display.script(calls), _STYLE)
+
+
+def _rel(act: Tensor, rec: Tensor) -> float:
+    act, rec = act.reshape(-1).double(), rec.reshape(-1).double()
+    return float((act - rec).norm() / act.norm().clamp_min(1e-300))
+
+
+def write_report(a: Analysis, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(a), encoding="utf-8")
+    return path
