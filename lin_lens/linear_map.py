@@ -18,14 +18,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
+from lin_lens import memory as _memory
 from lin_lens._hooks import LOGITS, HookSet, resolve_hook
 from lin_lens.freeze import cut_hooks, detached
 from lin_lens.gates import softcap_gate
-from lin_lens.result import LinearMap, NotExactError, default_tolerance
 from lin_lens.progress import progress_bar
+from lin_lens.result import LinearMap, NotExactError, default_tolerance
 
 NOT_LINEAR = {
     "hook_pattern": "the attention pattern is a softmax of the input (frozen, not linear)",
@@ -58,12 +59,16 @@ def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None) -> Int[T
         tokens = model.to_tokens(inputs, **kw)
     else:
         tokens = torch.as_tensor(inputs)
+        if tokens.numel() == 0:
+            raise ValueError("empty input: no tokens")
         if tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"token ids must be integers, got {tokens.dtype}")
         if tokens.ndim == 1:
             tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError(f"one prompt at a time: expected [pos] or [1, pos], got {list(tokens.shape)}")
+        raise ValueError(
+            f"one prompt at a time: expected [pos] or [1, pos], got {list(tokens.shape)}"
+        )
     if tokens.shape[1] == 0:
         raise ValueError("empty input: no tokens")
     d_vocab = getattr(model.cfg, "d_vocab", None)
@@ -193,6 +198,8 @@ def linear_map(
     check: bool = True,
     tol: float | None = None,
     prepend_bos: bool | None = None,
+    engine: str = "auto",
+    max_memory: int | float | str | None = None,
 ) -> LinearMap:
     """The exact linear map from ``source`` to the activation at ``hook`` for one input.
 
@@ -207,21 +214,32 @@ def linear_map(
         out_index: keep only these output coordinates (e.g. token ids for ``"logits"``).
         head: for per-head hooks (``hook_z``, ``hook_result``, ``hook_v`` …), the head to keep.
         detach: False gives the ordinary Jacobian (for comparison; it does not reconstruct).
-        chunk_size: output rows per batched backward pass.
+        chunk_size: output rows per batched backward pass (default: fitted to the memory budget).
         progress: show a progress bar (default: only for long computations).
         check: raise :class:`NotExactError` if the reconstruction error exceeds ``tol``.
         tol: relative-error bound for ``check`` (default by dtype: see ``default_tolerance``).
         prepend_bos: passed to ``model.to_tokens`` for text input.
+        engine: ``"auto"`` (default), ``"reverse"`` (batched VJP rows) or ``"forward"`` (batched
+            replay columns); see :mod:`lin_lens.engines`. ``"matrix_free"`` is
+            :func:`lin_lens.engines.top_singular`.
+        max_memory: byte budget (int or e.g. ``"4GB"``; default min(available RAM / 2, 8 GB)).
+            The call is refused with :class:`lin_lens.memory.MemoryBudgetError` before any
+            allocation when the operator cannot fit.
 
     Returns:
         a :class:`LinearMap`; ``J`` is ``[n_src, d_out, d_in]`` for an int ``pos`` and
         ``[n_tgt, n_src, d_out, d_in]`` otherwise.
     """
+    if engine != "reverse":  # engines: auto choice, forward mode, memory preflight
+        from lin_lens.engines import linear_map_with_engine
+
+        return linear_map_with_engine(
+            model, inputs, hook, pos, engine, max_memory, source=source, direction=direction,
+            out_index=out_index, head=head, detach=detach, chunk_size=chunk_size,
+            progress=progress, check=check, tol=tol, prepend_bos=prepend_bos)
     tokens = to_tokens(model, inputs, prepend_bos)
     _check_target(model, source, "source")
     _check_target(model, hook, "target")
-    if source == hook:
-        raise ValueError("source and target hook are the same")
     n = tokens.shape[1]
     tgt = _positions(pos, n)
     if direction is not None and out_index is not None:
@@ -241,7 +259,8 @@ def linear_map(
         hs.add(source, cap.leaf("source"))
         src_name = resolve_hook(model, source).name or source
         for origin in ("hook_embed", "hook_pos_embed"):
-            if origin in model.hook_dict and (resolve_hook(model, origin).name or origin) != src_name:
+            name = resolve_hook(model, origin).name if origin in model.hook_dict else None
+            if origin in model.hook_dict and (name or origin) != src_name:
                 hs.add(origin, cap.leaf(origin))
         if hook == LOGITS:
             hs.add_module_hook(model.unembed, lambda m, args: cap.read(args[0]), pre=True)
@@ -285,7 +304,7 @@ def _solve(model, cap, biases, logits, hook, tgt, source, direction, out_index, 
     readout = None  # (W [d_act, V], b [V] | None, gate [n_t, V] | None)
     if hook == LOGITS:
         W_U, b_U = _unembed(model)
-        z = flat[tgt].detach() @ W_U + (b_U if b_U is not None else 0)
+        z = flat[tgt].detach() @ W_U.detach() + (b_U.detach() if b_U is not None else 0)
         capv = getattr(model.cfg, "output_logits_soft_cap", None)
         g = softcap_gate(z, capv) if capv and capv > 0 else None
         readout = (W_U.detach(), None if b_U is None else b_U.detach(), g)
@@ -295,7 +314,9 @@ def _solve(model, cap, biases, logits, hook, tgt, source, direction, out_index, 
         value = flat[tgt].detach()  # [n_t, d_act]
         if head is not None:
             if len(out_shape) < 2:
-                raise ValueError(f"head= needs a per-head hook; {hook!r} has shape {list(out_shape)}")
+                raise ValueError(
+                    f"head= needs a per-head hook; {hook!r} has shape {list(out_shape)}"
+                )
             if not -out_shape[0] <= head < out_shape[0]:
                 raise IndexError(f"head {head} out of range ({out_shape[0]} heads)")
             h = head % out_shape[0]
@@ -317,20 +338,23 @@ def _solve(model, cap, biases, logits, hook, tgt, source, direction, out_index, 
         if u.ndim == 1:
             u = u.expand(n_t, -1)
         if u.shape != (n_t, d_space):
-            raise ValueError(f"direction must be [{d_space}] or [{n_t}, {d_space}], got {list(u.shape)}")
+            raise ValueError(
+                f"direction must be [{d_space}] or [{n_t}, {d_space}], got {list(u.shape)}"
+            )
         # covector in activation space
         cov = _pull_back(u, readout)  # [n_t, d_act]
         J, consts = _vjp_rows(model, cap, biases, x, origins, act, tgt, cov[:, None, :],
                               chunk_size, progress)
         out_value = (u * value).sum(-1, keepdim=True)
         consts = _readout_offsets(consts, readout, u[:, None, :], hook)
-        return LinearMap(J=J, x=x.detach()[0].reshape(x.shape[1], -1), act=out_value, constants=consts, hook=hook,
+        return LinearMap(J=J, x=_flat_source(x), act=out_value, constants=consts, hook=hook,
                          source=source, positions=tgt, out_shape=(1,), direction=u)
 
     rows = idx if (idx is not None and (readout is None or idx.numel() < d_act)) else None
     if readout is not None and rows is not None:
         # few logit rows: pull each back through the readout
-        sel = torch.eye(d_space, dtype=value.dtype, device=value.device)[rows]  # [R, V]
+        sel = torch.zeros(len(rows), d_space, dtype=value.dtype, device=value.device)  # [R, V]
+        sel[torch.arange(len(rows)), rows] = 1
         cov = _pull_back(sel.expand(n_t, -1, -1).reshape(-1, d_space), readout, repeat=len(rows))
         cov = cov.reshape(n_t, len(rows), d_act)
         J, consts = _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progress)
@@ -348,8 +372,14 @@ def _solve(model, cap, biases, logits, hook, tgt, source, direction, out_index, 
             value = value[:, rows]
     if idx is not None and head is None:
         out_shape = (int(idx.numel()),)
-    return LinearMap(J=J, x=x.detach()[0].reshape(x.shape[1], -1), act=value, constants=consts, hook=hook, source=source,
-                     positions=tgt, out_shape=out_shape, out_index=None if head is not None else idx)
+    return LinearMap(J=J, x=_flat_source(x), act=value, constants=consts, hook=hook,
+                     source=source, positions=tgt, out_shape=out_shape,
+                     out_index=None if head is not None else idx)
+
+
+def _flat_source(x: Tensor) -> Tensor:
+    """[1, n_src, *rest] leaf → [n_src, d_in] (per-head sources are flattened)."""
+    return x.detach()[0].reshape(x.shape[1], -1)
 
 
 def _pull_back(u: Tensor, readout, repeat: int = 1) -> Tensor:
@@ -370,7 +400,8 @@ def _readout_offsets(consts: dict, readout, sel: Tensor, hook: str) -> dict:
     W, b, g = readout
     gb = b * g if g is not None else b.expand(sel.shape[0], -1)  # [n_t, V]
     consts = dict(consts)
-    consts["unembed.b_U"] = (sel * gb[:, None, :]).sum(-1)  # [n_t, R]
+    if bool(b.ne(0).any()):
+        consts["unembed.b_U"] = (sel * gb[:, None, :]).sum(-1)  # [n_t, R]
     return consts
 
 
@@ -386,7 +417,7 @@ def _apply_readout(J: Tensor, consts: dict, readout, idx: Tensor | None):
     if g is not None:
         Jo = Jo * g[:, None, :, None]
         out = {k: v * g for k, v in out.items()}
-    if b is not None:
+    if b is not None and bool(b.ne(0).any()):
         out["unembed.b_U"] = b * g if g is not None else b.expand(J.shape[0], -1).clone()
     return Jo, out
 
@@ -408,10 +439,12 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
     total = n_t * R
     rows_t = torch.arange(n_t).repeat_interleave(R)
     rows_r = torch.arange(R).repeat(n_t)
-    chunk = chunk_size or _default_chunk(act, x)
+    n_src = x.shape[1]
+    j_bytes = n_t * n_src * R * x[0, 0].numel() * x.element_size()
+    _memory.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {x[0, 0].numel()}]")
+    chunk = chunk_size or _default_chunk(act, x, model=model, total=total, reserved=j_bytes)
     inputs = [x] + list(origins.values()) + list(biases.values())
     names = list(origins) + list(biases)
-    n_src = x.shape[1]
     J = torch.empty(n_t, n_src, R, x[0, 0].numel(), dtype=x.dtype, device=x.device)
     consts = {k: torch.zeros(n_t, R, dtype=x.dtype, device=x.device) for k in names}
     flat_act = act.reshape(1, act.shape[1], -1)
@@ -443,5 +476,12 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
     return J, consts
 
 
-def _default_chunk(act: Tensor, x: Tensor) -> int:
-    return 64
+def _default_chunk(act: Tensor, x: Tensor, model: Any = None, total: int | None = None,
+                   reserved: int = 0) -> int:
+    """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
+    if model is None:
+        return _memory.PREFERRED_CHUNK
+    n = act.shape[1]
+    free = _memory.budget() - reserved - _memory.graph_bytes(model, n, x.dtype)
+    return _memory.choose_chunk(model, n, x.dtype, max(free, 0), _memory.PREFERRED_CHUNK,
+                                total or _memory.PREFERRED_CHUNK)
