@@ -466,7 +466,7 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
                 J[t_idx, :, r_idx] = gx.reshape(k, n_src, -1)
             else:
                 J[t_idx, :, r_idx] = 0
-            for name, val, g in zip(names, inputs[1:], grads[1:]):
+            for name, val, g in zip(names, inputs[1:], grads[1:], strict=True):
                 if g is not None:
                     consts[name][t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
             bar.update(k)
