@@ -480,7 +480,8 @@ def linear_map_with_engine(model: Any, inputs: Any, hook: str, pos: Any, engine:
                          "lin_lens.engines.top_singular(model, tokens, hook, pos, k=...) for the "
                          "top singular triplets instead")
     plain = (kw.get("direction") is None and kw.get("out_index") is None
-             and kw.get("head") is None and kw.get("detach", True) and hook != LOGITS)
+             and kw.get("head") is None and kw.get("detach", True) and hook != LOGITS
+             and hook != kw.get("source", "hook_embed"))
     tokens = lm.to_tokens(model, inputs, kw.pop("prepend_bos", None))
     n = tokens.shape[1]
     if engine == "forward" and not plain:
@@ -488,8 +489,9 @@ def linear_map_with_engine(model: Any, inputs: Any, hook: str, pos: Any, engine:
                          "head=, detach=False, or 'logits'); use engine='reverse'")
     if engine == "forward" or (engine == "auto" and plain and choose_engine(
             model, n, lm._positions(pos, n), [hook]) == "forward"):
+        # "auto" lets operators_at_hooks fall back to reverse mode where replay has no rule
         return operators_at_hooks(model, tokens, [hook], pos, source=kw.get("source", "hook_embed"),
-                                  engine="forward", chunk_size=kw.get("chunk_size"),
+                                  engine=engine, chunk_size=kw.get("chunk_size"),
                                   progress=kw.get("progress"), check=kw.get("check", True),
                                   tol=kw.get("tol"), max_memory=max_memory)[hook]
     _preflight_reverse(model, tokens, hook, pos, max_memory, kw)
