@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -109,31 +110,41 @@ def analyze_cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from lin_lens import report
 
     log = sys.stderr
-    t0 = time.perf_counter()
     try:
-        model = load(args.model, args.dtype, args.backend)
-        t_load = time.perf_counter() - t0
-        print(f"loaded {args.model} in {t_load:.1f}s", file=log)
-        a = report.analyze(model, args.text, args.hooks, args.pos, ordinary=not args.no_ordinary,
-                           sweep=sweep, attn_layers=attn, model_name=args.model,
-                           progress=not args.no_progress)
-        t1 = time.perf_counter()
-        path = report.write_report(a, args.out)
-        t_write = time.perf_counter() - t1
+        # stdout carries only our summary (JSON must parse): libraries' prints go to stderr
+        with contextlib.redirect_stdout(log):
+            s = _run(args, sweep, attn, log)
     except _lin_lens_errors() as e:
         if os.environ.get("LIN_LENS_DEBUG"):
             raise
         print(f"lin-lens: error: {e}", file=log)
         return 2
-    s = report.summary(a)
-    s["report"] = str(path)
-    s["timings_s"].update(load=round(t_load, 3), report=round(t_write, 3))
     if args.json:
         print(json.dumps(s, indent=1))
     else:
         print(report.format_summary(s))
-        print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        print(f"report: {s['report']} ({Path(s['report']).stat().st_size / 1e6:.1f} MB)")
     return 0
+
+
+def _run(args: argparse.Namespace, sweep, attn, log) -> dict:
+    """Load, analyse and write the report; the summary dict."""
+    from lin_lens import report
+
+    t0 = time.perf_counter()
+    model = load(args.model, args.dtype, args.backend)
+    t_load = time.perf_counter() - t0
+    print(f"loaded {args.model} in {t_load:.1f}s", file=log)
+    a = report.analyze(model, args.text, args.hooks, args.pos, ordinary=not args.no_ordinary,
+                       sweep=sweep, attn_layers=attn, model_name=args.model,
+                       progress=not args.no_progress)
+    t1 = time.perf_counter()
+    path = report.write_report(a, args.out)
+    t_write = time.perf_counter() - t1
+    s = report.summary(a)
+    s["report"] = str(path)
+    s["timings_s"].update(load=round(t_load, 3), report=round(t_write, 3))
+    return s
 
 
 def main(argv: list[str] | None = None) -> int:
