@@ -73,9 +73,10 @@ def load(name: str, dtype: str, backend: str | None) -> Any:
 
     dt = getattr(torch, dtype)
     if name == "tiny-gpt2":
+        from lin_lens.backends import HAS_HOOKED
         from lin_lens.testing import tiny_model, tiny_tokenizer
 
-        if backend == "bridge":
+        if backend == "bridge" or (backend is None and not HAS_HOOKED):
             from lin_lens.testing import tiny_bridge
 
             return tiny_bridge("gpt2", dtype=dt)
