@@ -133,6 +133,11 @@ def _exactness(name, backend, dtype, fold_ln):
     lm = linear_map(m, tokens, "logits", pos=-1, direction=u)
     errors["logits (top-1 token)"] = lm.relative_error
     assert lm.J.shape == (tokens.shape[1], 1, m.cfg.d_model)
+    with torch.no_grad():
+        top5 = m(tokens)[0, -1].topk(5).indices.tolist()
+    rows = linear_map(m, tokens, "logits", pos=-1, out_index=top5)  # the logit rows themselves
+    errors["logits (top-5 rows)"] = rows.relative_error
+    assert rows.J.shape == (tokens.shape[1], 5, m.cfg.d_model)
     ordinary = linear_map(m, tokens, "logits", pos=-1, direction=u, detach=False).relative_error
     print(f"\n{name} {backend} {str(dtype)[6:]} fold_ln={fold_ln}: "
           + ", ".join(f"{h} {e:.1e}" for h, e in errors.items())
