@@ -41,12 +41,18 @@ def visible(s: str) -> str:
     return s.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def token_strings(model: Any, ids: Any) -> list[str]:
-    """Readable strings for token ids (``#id`` when the model has no tokenizer)."""
+def token_strings(model: Any, ids: Any, *, raw: bool = False) -> list[str]:
+    """Readable strings for token ids (``#id`` when the model has no tokenizer).
+
+    ``raw=True`` gives the tokenizer's own decoding, whitespace untouched (for CircuitsVis, which
+    shows whitespace itself).
+    """
     ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         return [f"#{i}" for i in ids]
+    if raw:
+        return [tok.decode([i]) for i in ids]
     return [visible(tok.decode([i], clean_up_tokenization_spaces=False)) for i in ids]
 
 

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lin_lens.analysis import token_strings
+from lin_lens.plots import _np  # tensors/arrays → float64 numpy, shared with the figures
+
 _CALL = re.compile(r'<div id="(circuits-vis-[^"]+)"')
 
 
@@ -103,17 +106,7 @@ def page(title: str, body: str, style: str = "") -> str:
 
 def str_tokens(model: Any, tokens: Tensor) -> list[str]:
     """Readable strings for token ids (whitespace made visible by CircuitsVis itself)."""
-    ids = torch.as_tensor(tokens).reshape(-1).tolist()
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return [f"#{i}" for i in ids]
-    return [tok.decode([i]) for i in ids]
-
-
-def _np(t: Any) -> np.ndarray:
-    if isinstance(t, Tensor):
-        t = t.detach().to("cpu", torch.float64)
-    return np.asarray(t, dtype=np.float64)
+    return token_strings(model, tokens, raw=True)
 
 
 # -- views --------------------------------------------------------------------------------------
