@@ -10,6 +10,7 @@ Engines (each measured in its own subprocess, so each gets its own peak RSS):
                per row) → extrapolated full time where the full baseline would exceed the budget.
   jacrev       torch.func.jacrev (chunk_size=64) on the TL HookedTransformer with lin_lens's
                detach hooks, same input/output.
+  jr_rows      the same for the first R output rows → per-row cost (extrapolated full time).
   linear_map   lin_lens.linear_map(model, tokens, "unembed.hook_in", -1) (reverse engine).
   lm_rows      R rows of the same via out_index → per-row cost (extrapolated full time).
   sweep        lin_lens.engines.operators_at_hooks over every resid_post, attn_out, mlp_out
@@ -180,7 +181,7 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
             p.requires_grad_(False)
         out["rss_after_load"] = C.peak_rss_bytes()
         J = None
-        if engine == "jacrev":
+        if engine in ("jacrev", "jr_rows"):
             from lin_lens._hooks import HookSet
 
             emb = m.embed(toks)[0].detach()
@@ -193,6 +194,16 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
                     m(toks, return_type="logits")
                 return got["y"][0, -1]
 
+            if engine == "jr_rows":
+                with detached(m):
+                    t0 = time.perf_counter()
+                    c0 = cpu()
+                    torch.func.jacrev(lambda e: g(e)[:rows], chunk_size=rows)(emb)
+                    dt = time.perf_counter() - t0
+                    out["cpu_seconds"] = (cpu() - c0) / rows * D
+                out.update(rows=rows, seconds_per_row=dt / rows, seconds=dt / rows * D,
+                           extrapolated=True, peak_rss=C.peak_rss_bytes())
+                return out
             with detached(m):
                 t0 = time.perf_counter()
                 c0 = cpu()
@@ -230,13 +241,15 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
         elif engine == "topk":
             t0 = time.perf_counter()
             c0 = cpu()
-            r = top_singular(m, toks, "unembed.hook_in", -1, k=16, block=rows or 8,
+            r = top_singular(m, toks, "unembed.hook_in", -1, k=16,
+                             block=int(os.environ["TOPK_BLOCK"]) if "TOPK_BLOCK" in os.environ
+                             else None,
                              tol=float(os.environ.get("TOPK_TOL", "1e-4")), progress=False,
                              max_iter=int(os.environ["TOPK_ITERS"]) if "TOPK_ITERS" in os.environ
                              else None, max_memory=os.environ.get("LIN_LENS_MAX_MEMORY"))
             out["seconds"] = time.perf_counter() - t0
             out["cpu_seconds"] = cpu() - c0
-            out["info"] = {k: v for k, v in r.info.items() if k != "hook"}
+            out["info"] = {k: v for k, v in r.info.items() if k not in ("hook", "history")}
             if save:
                 torch.save({"U": r.U, "S": r.S, "V": r.V}, save + ".topk.pt")
         else:
@@ -261,8 +274,11 @@ def rel_err(J, x, y):
 
 
 def gemm_rate(n: int, dtype, out) -> dict:
-    """GFLOP/s of the matmuls a batched VJP does: [64·n, d] @ [d, d_mlp] and [d, d]."""
-    rows = 64 * n if n <= 64 else 8 * n
+    """GFLOP/s of the matmuls a batched VJP does at n tokens: [chunk·n, d] @ [d, d_mlp] and
+    [d, d], with lin_lens's own chunk for n (``memory.preferred_chunk``)."""
+    from lin_lens.memory import preferred_chunk
+
+    rows = preferred_chunk(n) * n
     res = {}
     for name, k2 in (("d_mlp", DM), ("d_model", D)):
         a = torch.randn(rows, D, dtype=dtype)

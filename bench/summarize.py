@@ -36,19 +36,19 @@ def work(r):
     """FLOPs the engine's output needs (the analytic count of bench_engines)."""
     n = r["n"]
     e = r["engine"]
-    if e in ("hf_jacobian", "hf_rows", "jacrev", "linear_map", "lm_rows"):
+    if e in ("hf_jacobian", "hf_rows", "jacrev", "jr_rows", "linear_map", "lm_rows"):
         return D * vjp_flops(n)
     if e == "sweep":
         return n * D * fwd_flops(n)  # one replay column per input coordinate
     if e == "topk":
         i = r["info"]
-        return i["n_jvp"] * fwd_flops(n) + i["n_vjp"] * vjp_flops(n)
+        return (i["n_jvp"] + i["n_vjp"]) * vjp_flops(n)  # JVPs: double-backward, same matmuls
     return float("nan")
 
 
 def table(rows):
     out = ["| engine | n | dtype | wall s | CPU s | vs hf_jacobian (wall / CPU) | "
-           "GFLOP per CPU-s (counted) | % of GEMM per CPU-s | peak RSS | RSS above load | note |",
+           "GFLOP/s wall (counted) | % of GEMM (wall) | peak RSS | RSS above load | note |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["n"], r["dtype"]): r for r in rows
             if r.get("engine") in ("hf_jacobian", "hf_rows") and "seconds" in r}
@@ -56,8 +56,8 @@ def table(rows):
         if r.get("engine") == "gemm" or "seconds" not in r:
             continue
         cpu_s = r.get("cpu_seconds", float("nan"))
-        g = gemm_for(rows, r["n"], r["dtype"], "gflops_per_cpu_s_mean")
-        rate = work(r) / cpu_s / 1e9
+        g = gemm_for(rows, r["n"], r["dtype"])
+        rate = work(r) / r["seconds"] / 1e9
         b = base.get((r["n"], r["dtype"]))
         ratio = (f"{b['seconds'] / r['seconds']:.2f}× / "
                  f"{b.get('cpu_seconds', float('nan')) / cpu_s:.2f}×") if b else "–"
@@ -76,6 +76,22 @@ def table(rows):
             f"| {r['engine']} | {r['n']} | {r['dtype']} | {r['seconds']:.1f} | {cpu_s:.1f} | "
             f"{ratio} | {rate:.1f} | {100 * rate / g:.0f}% | {r['peak_rss'] / GB:.2f} GB | "
             f"{(r['peak_rss'] - r.get('rss_after_load', 0)) / GB:.2f} GB | {'; '.join(note)} |")
+    return "\n".join(out)
+
+
+def topk_speedup(rows):
+    out = ["| n | dtype | full operator (linear_map), s | top-16 matrix-free, s | speed-up | "
+           "products |", "|---|---|---|---|---|---|"]
+    full = {(r["n"], r["dtype"]): r["seconds"] for r in rows
+            if r.get("engine") in ("linear_map", "lm_rows") and "seconds" in r}
+    for r in rows:
+        if r.get("engine") == "topk" and "seconds" in r:
+            f = full.get((r["n"], r["dtype"]))
+            i = r["info"]
+            t = r["seconds"]
+            fs, sp = (f"{f:.1f}", f"{f / t:.1f}×") if f else ("–", "–")
+            out.append(f"| {r['n']} | {r['dtype']} | {fs} | {t:.1f} | {sp} | "
+                       f"{i['n_jvp']} JVP + {i['n_vjp']} VJP (block {i['block']}) |")
     return "\n".join(out)
 
 
@@ -142,6 +158,8 @@ def topk_accuracy(cache="/tmp/lin_lens_bench"):
 if __name__ == "__main__":
     rows = load(sys.argv[1:])
     print(table(rows))
+    print()
+    print(topk_speedup(rows))
     print()
     print(gemm_table(rows))
     print()

@@ -457,10 +457,7 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
             k = len(t_idx)
             go = torch.zeros(k, 1, act.shape[1], d_act, dtype=act.dtype, device=act.device)
             go[torch.arange(k), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
-            grads = torch.autograd.grad(
-                flat_act, inputs, grad_outputs=go, retain_graph=True, allow_unused=True,
-                is_grads_batched=True,
-            )
+            grads = batched_grad(flat_act, inputs, go, allow_unused=True)
             gx = grads[0]
             if gx is not None:
                 J[t_idx, :, r_idx] = gx.reshape(k, n_src, -1)
@@ -476,6 +473,23 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
     return J, consts
 
 
+def batched_grad(outputs: Tensor, inputs: Tensor | Sequence[Tensor], grads: Tensor,
+                 allow_unused: bool = False) -> Any:
+    """``torch.autograd.grad`` over a retained graph for a batch of cotangents
+    ``grads`` [B, *outputs.shape]; results carry the leading B. A batch of one runs a plain
+    backward pass (no vmap), which is the fastest form at long inputs."""
+    single = isinstance(inputs, Tensor)
+    ins = [inputs] if single else list(inputs)
+    if grads.shape[0] == 1:
+        res = torch.autograd.grad(outputs, ins, grads[0], retain_graph=True,
+                                  allow_unused=allow_unused)
+        res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+    else:
+        res = torch.autograd.grad(outputs, ins, grads, retain_graph=True,
+                                  allow_unused=allow_unused, is_grads_batched=True)
+    return res[0] if single else res
+
+
 def _default_chunk(act: Tensor, x: Tensor, model: Any = None, total: int | None = None,
                    reserved: int = 0) -> int:
     """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
@@ -483,5 +497,5 @@ def _default_chunk(act: Tensor, x: Tensor, model: Any = None, total: int | None 
         return _memory.PREFERRED_CHUNK
     n = act.shape[1]
     free = _memory.budget() - reserved - _memory.graph_bytes(model, n, x.dtype)
-    return _memory.choose_chunk(model, n, x.dtype, max(free, 0), _memory.PREFERRED_CHUNK,
-                                total or _memory.PREFERRED_CHUNK)
+    pref = _memory.preferred_chunk(n)
+    return _memory.choose_chunk(model, n, x.dtype, max(free, 0), pref, total or pref)

@@ -29,7 +29,12 @@ import torch
 GB = 1024**3
 DEFAULT_CAP = 8 * GB
 MIN_CHUNK, MAX_CHUNK = 8, 256
-PREFERRED_CHUNK = 64  # rows per batched VJP (tuned in bench/, see BENCHMARKS.md)
+PREFERRED_CHUNK = 64  # rows per batched VJP at short inputs (tuned in bench/, BENCHMARKS.md)
+# Rows per batched pass at long inputs: chunk · n_tokens ≈ PASS_ROWS. Under is_grads_batched
+# (vmap) the attention backward copies the frozen pattern once per row, [chunk, heads, n, n], so
+# large chunks stop paying beyond ~1.5k token-rows (SmolLM2, bench/bench_engines.py); at ≥ 1k
+# tokens single unbatched passes are fastest.
+PASS_ROWS = 1536
 
 _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("lin_lens_budget",
                                                                      default=None)
@@ -133,6 +138,11 @@ def row_bytes(model: Any, n_tokens: int, dtype: torch.dtype, d_in: int | None = 
     per = n_tokens * (6 * d["d_model"] + 4 * d["d_mlp"] + 2 * d_in)
     per += d["n_heads"] * n_tokens * n_tokens  # score-sized temporaries (replay, eager attention)
     return int(per * itemsize(dtype))
+
+
+def preferred_chunk(n_tokens: int) -> int:
+    """Rows per batched VJP/JVP for an ``n_tokens`` input before any memory limit."""
+    return max(1, min(PREFERRED_CHUNK, PASS_ROWS // max(1, n_tokens)))
 
 
 def choose_chunk(model: Any, n_tokens: int, dtype: torch.dtype, free_bytes: int,
