@@ -19,8 +19,9 @@ GB = 1024**3
 def load(paths):
     rows = []
     for p in paths:
-        rows += json.load(open(p))
-    return rows
+        run = os.path.basename(p).removeprefix("results_").removesuffix(".json")
+        rows += [{**r, "run": run} for r in json.load(open(p))]
+    return sorted(rows, key=lambda r: (r["n"], r["dtype"]))  # stable: run order within (n, dtype)
 
 
 def gemm_for(rows, n, dtype, key="gflops_mean"):
@@ -47,10 +48,10 @@ def work(r):
 
 
 def table(rows):
-    out = ["| engine | n | dtype | wall s | CPU s | vs hf_jacobian (wall / CPU) | "
+    out = ["| run | engine | n | dtype | wall s | CPU s | vs hf_jacobian (wall / CPU) | "
            "GFLOP/s wall (counted) | % of GEMM (wall) | peak RSS | RSS above load | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["n"], r["dtype"]): r for r in rows
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["run"], r["n"], r["dtype"]): r for r in rows
             if r.get("engine") in ("hf_jacobian", "hf_rows") and "seconds" in r}
     for r in rows:
         if r.get("engine") == "gemm" or "seconds" not in r:
@@ -58,7 +59,7 @@ def table(rows):
         cpu_s = r.get("cpu_seconds", float("nan"))
         g = gemm_for(rows, r["n"], r["dtype"])
         rate = work(r) / r["seconds"] / 1e9
-        b = base.get((r["n"], r["dtype"]))
+        b = base.get((r["run"], r["n"], r["dtype"]))  # the baseline of the same run
         ratio = (f"{b['seconds'] / r['seconds']:.2f}× / "
                  f"{b.get('cpu_seconds', float('nan')) / cpu_s:.2f}×") if b else "–"
         note = []
@@ -73,35 +74,37 @@ def table(rows):
             note.append(f"{i['n_jvp']} JVP + {i['n_vjp']} VJP, {i['iterations']} it, "
                         f"converged {i['converged']}, max rel resid {max(i['rel_residuals']):.1e}")
         out.append(
-            f"| {r['engine']} | {r['n']} | {r['dtype']} | {r['seconds']:.1f} | {cpu_s:.1f} | "
+            f"| {r['run']} | {r['engine']} | {r['n']} | {r['dtype']} | {r['seconds']:.1f} | "
+            f"{cpu_s:.1f} | "
             f"{ratio} | {rate:.1f} | {100 * rate / g:.0f}% | {r['peak_rss'] / GB:.2f} GB | "
             f"{(r['peak_rss'] - r.get('rss_after_load', 0)) / GB:.2f} GB | {'; '.join(note)} |")
     return "\n".join(out)
 
 
 def topk_speedup(rows):
-    out = ["| n | dtype | full operator (linear_map), s | top-16 matrix-free, s | speed-up | "
-           "products |", "|---|---|---|---|---|---|"]
-    full = {(r["n"], r["dtype"]): r["seconds"] for r in rows
+    out = ["| run | n | dtype | full operator (linear_map), s | top-16 matrix-free, s | "
+           "speed-up | products |", "|---|---|---|---|---|---|---|"]
+    full = {(r["run"], r["n"], r["dtype"]): r["seconds"] for r in rows
             if r.get("engine") in ("linear_map", "lm_rows") and "seconds" in r}
     for r in rows:
         if r.get("engine") == "topk" and "seconds" in r:
-            f = full.get((r["n"], r["dtype"]))
+            f = full.get((r["run"], r["n"], r["dtype"]))
             i = r["info"]
             t = r["seconds"]
             fs, sp = (f"{f:.1f}", f"{f / t:.1f}×") if f else ("–", "–")
-            out.append(f"| {r['n']} | {r['dtype']} | {fs} | {t:.1f} | {sp} | "
+            out.append(f"| {r['run']} | {r['n']} | {r['dtype']} | {fs} | {t:.1f} | {sp} | "
                        f"{i['n_jvp']} JVP + {i['n_vjp']} VJP (block {i['block']}) |")
     return "\n".join(out)
 
 
 def gemm_table(rows):
-    out = ["| n | dtype | GEMM GFLOP/s wall (d_mlp / d_model shapes) | per CPU-s |",
-           "|---|---|---|---|"]
+    out = ["| run | n | dtype | GEMM GFLOP/s wall (d_mlp / d_model shapes) | per CPU-s |",
+           "|---|---|---|---|---|"]
     for r in rows:
         if r.get("engine") == "gemm" and "gflops" in r:
             g = r["gflops"]
-            out.append(f"| {r['n']} | {r['dtype']} | {g['d_mlp']:.1f} / {g['d_model']:.1f} | "
+            out.append(f"| {r['run']} | {r['n']} | {r['dtype']} | "
+                       f"{g['d_mlp']:.1f} / {g['d_model']:.1f} | "
                        f"{r.get('gflops_per_cpu_s_mean', float('nan')):.1f} |")
     return "\n".join(out)
 

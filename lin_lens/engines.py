@@ -15,10 +15,16 @@ matrix-free top-k SVD.
   (or the positional embedding) at its value: exact and computed independently of ``act − Σ J x``.
   (``torch.func.jvp``/``vmap`` through the model was measured 4–8× slower per column than the
   replay, and ``torch.func.linearize`` took minutes to trace SmolLM2; see BENCHMARKS.md.)
-* **matrix_free**: top-k singular triplets of the operator at one position by block
-  Golub–Kahan–Lanczos with full reorthogonalisation, using only JVPs (replay) and VJPs (reverse
-  graph); ``J`` is never formed. Each triplet comes with its residual ``‖Jᵀu − σv‖`` (there is a
-  singular value within that distance of σ; exact ``Jv = σu`` holds by construction).
+* **matrix_free**: top-k singular triplets of the operator at one position by (block)
+  Golub–Kahan–Lanczos with full reorthogonalisation, using only VJPs (backward passes over the
+  retained detached graph) and JVPs (backward passes through the graph of the VJP ``Jᵀu``, which
+  is linear in ``u`` — the double-backward trick: the same matmuls as a VJP, no Q/K/gate or score
+  work, every architecture); ``J`` is never formed. Each triplet comes with its residual
+  ``‖Jᵀu − σv‖`` (a singular value lies within it of σ; ``Jv = σu`` holds by construction) and the
+  quadratic estimate residual²/gap used to stop.
+* Batched backward passes use ``is_grads_batched`` (vmap) with ``memory.preferred_chunk(n)``
+  rows, about 1.5k token-rows per pass; at ≥ 1k tokens a "batch" is one plain backward pass,
+  because vmap copies the frozen attention pattern once per row.
 
 ``engine="auto"`` picks forward when ``REPLAY_COST × columns × depth`` is below
 ``Σ rows × depth``. The replay also runs the frozen Q/K and gate projections that VJPs skip, but
@@ -44,6 +50,10 @@ from lin_lens.progress import progress_bar
 from lin_lens.result import LinearMap, NotExactError, default_tolerance
 
 ENGINES = ("auto", "reverse", "forward", "matrix_free")
+# Guard Ritz values beyond the k wanted must reach this relative error estimate too: a Krylov
+# space can converge k values while a close singular value above σ_k has not emerged yet (seen
+# on SmolLM2 in float64 at 256 tokens, with a 2 % gap); the guard values make that unlikely.
+GUARD_TOL = 1e-2
 REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (measured on SmolLM2, BENCHMARKS.md)
 DEFAULT_FWD_CHUNK = 192  # columns per replay (one token's d_in columns in 3 chunks on SmolLM2)
 
@@ -580,7 +590,8 @@ def _orth(W: Tensor, bases: list[Tensor]) -> Tensor:
 
 def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: int = 16, *,
                  source: str = "hook_embed", block: int | None = None, tol: float = 1e-4,
-                 vec_tol: float | None = None, max_iter: int | None = None, seed: int = 0,
+                 vec_tol: float | None = None, guard: int | None = None,
+                 max_iter: int | None = None, seed: int = 0,
                  progress: bool | None = None, max_memory: Any = None) -> TopSingular:
     """Top-``k`` singular triplets of the detached operator at ``hook``/``pos`` (all source
     tokens stacked: ``J`` is ``[d_out, n_src·d_in]``) without forming ``J``.
@@ -600,6 +611,9 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
     the residual ``‖Jᵀu − σv‖ ≤ vec_tol·σ`` (default ``√tol``; bounds the singular vectors'
     error angle by about ``vec_tol·σ / gap``), or after ``max_iter`` iterations (default:
     a Krylov space of 6k + 32 vectors). ``info["history"]`` has both quantities per iteration.
+    ``guard`` (default ``max(2, k // 4)``) further Ritz values must reach a 1e-2 estimate
+    first: without them a close singular value above σ_k can still be missing when the k
+    found have converged (a Krylov method cannot rule that out; the guard makes it unlikely).
     """
     import time
 
@@ -611,6 +625,7 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
     lm._check_target(model, hook, "target")
     n = tokens.shape[1]
     block = int(block or (1 if n >= 32 else min(k, 8)))
+    guard = max(2, k // 4) if guard is None else int(guard)
     vec_tol = math.sqrt(tol) if vec_tol is None else vec_tol
     p = lm._positions(pos, n)[0]
     t0 = time.perf_counter()
@@ -658,11 +673,11 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
                               for i in range(0, len(T), chunk)]).T
 
         res_k = _block_lanczos(jvp, vjp, N, d_space, k, block, tol, vec_tol, m_max, seed,
-                               dtype, progress)
+                               dtype, progress, guard)
     U, S_k, right, info = res_k
     Vfull = torch.zeros(n * d_in, right.shape[1], dtype=dtype)
     Vfull[:N] = right
-    info.update(block=block, tol=tol, vec_tol=vec_tol, seconds=time.perf_counter() - t0,
+    info.update(block=block, tol=tol, vec_tol=vec_tol, guard=guard, seconds=time.perf_counter() - t0,
                 hook=hook, position=p)
     return TopSingular(U, S_k, Vfull.reshape(n, *x.shape[2:], right.shape[1]), info)
 
@@ -678,7 +693,8 @@ def _ritz_errors(S: Tensor, res: Tensor) -> Tensor:
 
 def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: float,
                    vec_tol: float, m_max: int, seed: int, dtype: torch.dtype,
-                   progress: bool | None) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+                   progress: bool | None, guard: int = 0
+                   ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
     """Block Golub–Kahan–Lanczos for ``J`` given as ``jvp``/``vjp`` on blocks of columns:
     ``(U [d_out, k], S [k], V [N, k], info)``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -721,15 +737,18 @@ def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: floa
                 bar.update(1)
                 break
             P, S, Qh = torch.linalg.svd(Ucat.T @ torch.cat(JVs, 1), full_matrices=False)
-            kk = min(k, len(S))
-            right = Vcat @ Qh[:kk].T
-            res = torch.linalg.vector_norm(torch.cat(JTUs, 1) @ P[:, :kk] - right * S[:kk], dim=0)
+            kk, kg = min(k, len(S)), min(k + guard, len(S))
+            right = Vcat @ Qh[:kg].T
+            res = torch.linalg.vector_norm(torch.cat(JTUs, 1) @ P[:, :kg] - right * S[:kg], dim=0)
             quad = _ritz_errors(S, res)
+            ok = (quad <= tol * S[:kg]) & (res <= vec_tol * S[:kg])
+            ok_guard = (quad <= GUARD_TOL * S[:kg]) & (res <= math.sqrt(GUARD_TOL) * S[:kg])
+            right, res, quad = right[:, :kk], res[:kk], quad[:kk]
             history.append({"max_rel_error_estimate": float((quad / S[:kk]).max()),
                             "max_rel_residual": float((res / S[:kk]).max()),
                             "n_jvp": n_jvp, "n_vjp": n_vjp, "sigma": S[:kk].tolist()})
             bar.update(1)
-            if kk == k and bool((quad <= tol * S[:kk]).all() & (res <= vec_tol * S[:kk]).all()):
+            if kk == k and kg == k + guard and bool(ok[:k].all() & ok_guard[k:].all()):
                 converged = True
                 break
             Vj = _orth(Z, Vs)

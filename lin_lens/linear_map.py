@@ -142,8 +142,11 @@ def _flags_for(model: Any, hooks: Sequence[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _bias_grads(model: Any) -> Iterator[dict[str, Tensor]]:
-    """Bias parameters with requires_grad on for the call; the user's flags restored after."""
-    biases = {n: p for n, p in model.named_parameters() if _is_bias(n) and p.is_floating_point()}
+    """Non-zero bias parameters with requires_grad on for the call; the user's flags restored
+    after. An all-zero bias (TransformerLens keeps them for Llama-style models) contributes an
+    exactly zero constant, so it is left out of the graph and its gradient never computed."""
+    biases = {n: p for n, p in model.named_parameters()
+              if _is_bias(n) and p.is_floating_point() and bool(p.detach().ne(0).any())}
     before = {n: p.requires_grad for n, p in biases.items()}
     try:
         for p in biases.values():
