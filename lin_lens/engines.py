@@ -555,8 +555,9 @@ class TopSingular:
 
     ``info``: ``residuals`` ‖Jᵀu_j − σ_j v_j‖ (a true singular value lies within it of σ_j;
     ``Jv_j = σ_j u_j`` holds exactly), ``rel_residuals`` (residual / σ_j), ``bound_quadratic``
-    (residual² / gap to the next Ritz value, the usual sharper estimate), ``n_jvp``, ``n_vjp``,
-    ``iterations``, ``converged``, ``seconds``.
+    (residual² / gap to the nearest other Ritz value, the usual sharper estimate) and
+    ``rel_error_estimate`` (that over σ_j, what ``tol`` bounds), ``n_jvp``, ``n_vjp``,
+    ``iterations``, ``converged``, ``block``, ``guard``, ``history`` (per iteration), ``seconds``.
     """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, info: dict[str, Any]):
@@ -564,6 +565,19 @@ class TopSingular:
 
     def __iter__(self):
         return iter((self.U, self.S, self.V))
+
+    def _repr_html_(self) -> str:
+        i = self.info
+        rows = "".join(
+            f"<tr><td>{j + 1}</td><td>{float(s):.6g}</td><td>{r:.1e}</td><td>{e:.1e}</td></tr>"
+            for j, (s, r, e) in enumerate(zip(self.S, i["rel_residuals"],
+                                              i.get("rel_error_estimate", i["rel_residuals"]),
+                                              strict=True)))
+        return (f"<b>top {len(self.S)} singular triplets</b> of the detached operator at "
+                f"<code>{i.get('hook')}</code>, position {i.get('position')}: "
+                f"{i['n_jvp']} JVPs + {i['n_vjp']} VJPs, converged {i['converged']}, "
+                f"{i.get('seconds', float('nan')):.1f} s<table><tr><th>j</th><th>σ</th>"
+                f"<th>residual / σ</th><th>σ error estimate / σ</th></tr>{rows}</table>")
 
     def __repr__(self) -> str:
         return (f"TopSingular(k={len(self.S)}, σ₁={float(self.S[0]):.4g}, "
@@ -677,8 +691,8 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
     U, S_k, right, info = res_k
     Vfull = torch.zeros(n * d_in, right.shape[1], dtype=dtype)
     Vfull[:N] = right
-    info.update(block=block, tol=tol, vec_tol=vec_tol, guard=guard, seconds=time.perf_counter() - t0,
-                hook=hook, position=p)
+    info.update(block=block, tol=tol, vec_tol=vec_tol, guard=guard,
+                seconds=time.perf_counter() - t0, hook=hook, position=p)
     return TopSingular(U, S_k, Vfull.reshape(n, *x.shape[2:], right.shape[1]), info)
 
 

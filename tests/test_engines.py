@@ -146,6 +146,8 @@ def test_top_singular_where_replay_cannot_go(make):
     assert res.info["converged"]
     assert torch.allclose(res.S, S0[:3], rtol=1e-9, atol=0), (res.S, S0[:3])
     assert float(_principal_sines(res.U, U0[:, :3]).max()) < 1e-6
+    html = res._repr_html_()
+    assert "top 3 singular triplets" in html and html.count("<tr>") == 4
 
 
 def test_top_singular_default_block_and_unbatched_products(monkeypatch):
