@@ -15,6 +15,9 @@ matrix-free top-k SVD.
   (or the positional embedding) at its value: exact and computed independently of ``act − Σ J x``.
   (``torch.func.jvp``/``vmap`` through the model was measured 4–8× slower per column than the
   replay, and ``torch.func.linearize`` took minutes to trace SmolLM2; see BENCHMARKS.md.)
+  Where the replay has no rule (Bridges, SoLU) the columns come from :class:`GraphColumns`, the
+  double-backward of the detached graph: every hook at once as well, at the cost of a VJP per
+  column and without the causal truncation.
 * **matrix_free**: top-k singular triplets of the operator at one position by (block)
   Golub–Kahan–Lanczos with full reorthogonalisation, using only VJPs (backward passes over the
   retained detached graph) and JVPs (backward passes through the graph of the VJP ``Jᵀu``, which
@@ -324,11 +327,96 @@ def _primal_pass(stack: contextlib.ExitStack, model: Any, tokens: Tensor, source
 def _forward_maps(model: Any, tokens: Tensor, hooks: Sequence[str], tgt: list[int], source: str,
                   chunk_size: int | None, progress: bool | None, max_memory: Any,
                   int_pos: bool) -> dict[str, LinearMap]:
-    replay = Replay(model, tokens, source, hooks, tgt)
     with contextlib.ExitStack() as stack:
-        x, acts = _run_primal(stack, model, tokens, source, hooks, replay, grad=False)
-        return _forward_columns(model, tokens, hooks, tgt, source, chunk_size, progress,
-                                max_memory, int_pos, replay, x, acts)
+        try:
+            replay: Any = Replay(model, tokens, source, hooks, tgt)
+        except ReplayUnsupported:  # Bridges, SoLU: columns from the reverse graph instead
+            replay = GraphColumns(stack, model, tokens, source, hooks, tgt)
+            x, acts = replay.x, replay.acts
+        else:
+            x, acts = _run_primal(stack, model, tokens, source, hooks, replay, grad=False)
+        res = _forward_columns(model, tokens, hooks, tgt, source, chunk_size, progress,
+                               max_memory, int_pos, replay, x, acts)
+        for m in res.values():
+            m.meta["engine"] = "forward" if isinstance(replay, Replay) else "forward (graph)"
+        return res
+
+
+class GraphColumns:
+    """Operator columns at many hooks from one detached graph, for models the replay cannot
+    follow (Bridges, SoLU): with ``y`` the target activations stacked, ``g(u) = ∂(u·y)/∂x`` is
+    built once with ``create_graph=True``; it is linear in ``u``, so a backward pass through it
+    with a source tangent ``v`` gives ``J v`` at every hook at once (the double-backward trick),
+    and with an origin's value the constant of that origin. Same interface as :class:`Replay`
+    (``run``, ``origins``); ``start > 0`` is not supported (full-length columns)."""
+
+    def __init__(self, stack: contextlib.ExitStack, model: Any, tokens: Tensor, source: str,
+                 hooks: Sequence[str], tgt: Sequence[int]):
+        lm = _lm()
+        self.hooks, self.n = list(hooks), tokens.shape[1]
+        stack.enter_context(lm._flags_for(model, [h for h in (*hooks, source) if h != LOGITS]))
+        stack.enter_context(_params_frozen(model))
+        biases = stack.enter_context(lm._bias_grads(model))
+        stack.enter_context(detached(model))
+        hs = stack.enter_context(HookSet(model))
+        cap = lm._Capture()
+        hs.add(source, cap.leaf("source"))
+        src_name = resolve_hook(model, source).name or source
+        for o in ("hook_embed", "hook_pos_embed"):
+            if o in model.hook_dict and (resolve_hook(model, o).name or o) != src_name:
+                hs.add(o, cap.leaf(o))
+        acts: dict[str, Tensor] = {}
+        cuts = cut_hooks(model)
+        for h in hooks:
+            hs.add(h, lambda t, hook: acts.__setitem__(hook.name, t), prepend=h in cuts)
+        stack.enter_context(torch.enable_grad())
+        if all(h.startswith("blocks.") for h in hooks) and not is_bridge(model):
+            model(tokens, stop_at_layer=max(_layer_of(model, h) for h in hooks) + 1)
+        else:
+            model(tokens)
+        missing = set(hooks) - acts.keys()
+        if "source" not in cap.leaves or missing:
+            raise ValueError(f"hooks did not fire: {sorted(missing) or [source]}")
+        self.x, self.acts = cap.leaves["source"], acts
+        pos = list(tgt)
+        parts = [acts[h][0, pos].reshape(-1) for h in hooks]
+        self.sizes = [p.numel() for p in parts]
+        self.widths = [acts[h][0, 0].numel() for h in hooks]
+        y = torch.cat(parts)
+        self.u0 = torch.zeros_like(y, requires_grad=True)
+        self.leaves = {"source": self.x,
+                       **{k: v for k, v in cap.leaves.items() if k != "source"}, **biases}
+        grads = torch.autograd.grad(y, list(self.leaves.values()), self.u0, create_graph=True,
+                                    allow_unused=True)
+        self.g = dict(zip(self.leaves, grads, strict=True))
+        self.chunk = memory.preferred_chunk(self.n)
+
+    def _split(self, Y: Tensor) -> dict[str, Tensor]:  # [B, ΣY] → {hook: [B, n_t, d]}
+        out = {}
+        for h, part, w in zip(self.hooks, Y.split(self.sizes, dim=1), self.widths, strict=True):
+            out[h] = part.reshape(Y.shape[0], -1, w)
+        return out
+
+    def run(self, tangent: Tensor | None, origin: str | None = None,
+            readout_input: bool = False, start: int = 0) -> dict[str, Tensor]:
+        if start or readout_input:
+            raise ReplayUnsupported("graph columns are full-length and hook-only")
+        lm = _lm()
+        if tangent is None:
+            g, leaf = self.g[origin], self.leaves[origin]
+            if g is None or not g.requires_grad:
+                return self._split(self.u0.new_zeros(1, self.u0.numel()))
+            return self._split(lm.batched_grad(g, self.u0, leaf.detach()[None]))
+        T = tangent.reshape(-1, *self.x.shape)
+        g = self.g["source"]
+        if g is None or not g.requires_grad:
+            return self._split(self.u0.new_zeros(len(T), self.u0.numel()))
+        return self._split(torch.cat([lm.batched_grad(g, self.u0, T[i:i + self.chunk])
+                                      for i in range(0, len(T), self.chunk)]))
+
+    def origins(self) -> list[str]:
+        return [k for k, v in self.leaves.items()
+                if k != "source" and bool(v.detach().ne(0).any())]
 
 
 def _forward_columns(model, tokens, hooks, tgt, source, chunk_size, progress, max_memory,
@@ -391,7 +479,6 @@ def _forward_columns(model, tokens, hooks, tgt, source, chunk_size, progress, ma
                            constants=consts[h], hook=h, source=source, positions=tgt,
                            out_shape=tuple(act.shape[2:]), tokens=tokens[0].detach().cpu(),
                            detached=True, int_pos=int_pos)
-        res[h].meta["engine"] = "forward"
     return res
 
 

@@ -130,7 +130,7 @@ def graph_bytes(model: Any, n_tokens: int, dtype: torch.dtype) -> int:
     scores, mask and softmax (the pattern is detached, so earlier layers' scores are freed), plus
     a weight-sized workspace: on SmolLM2 every engine, even at 7 tokens, peaked 0.4 GB (f32) /
     0.8 GB (f64) above the loaded model. With it, the reverse-mode estimates exceed the measured
-    peaks above the model by 8–70 % (256 tokens: 1.55 vs 1.44 GB f32, 3.1 vs 2.87 GB f64) and the
+    peaks above the model by 8–72 % (256 tokens: 1.55 vs 1.44 GB f32, 3.1 vs 2.87 GB f64) and the
     matrix-free one at 1024 tokens by 50 % (4.1 vs 2.76 GB)."""
     d = _dims(model)
     per_layer = n_tokens * (12 * d["d_model"] + 4 * d["d_mlp"]) + d["n_heads"] * n_tokens**2

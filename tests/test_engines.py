@@ -8,7 +8,6 @@ import torch
 
 from lin_lens import is_detached, linear_map
 from lin_lens.engines import (
-    ReplayUnsupported,
     choose_engine,
     layer_sweep_hooks,
     operators_at_hooks,
@@ -79,14 +78,26 @@ def test_linear_map_engine_keyword():
         linear_map(model, toks, "logits", engine="forward")
 
 
-def test_forward_refused_where_replay_cannot_follow():
-    model = tiny_model("solu")  # SoLU's LN inside the MLP: no replay rule
+@pytest.mark.parametrize("make", ["solu", "bridge-llama", "bridge-gpt2"])
+def test_forward_engine_from_the_graph_where_replay_cannot_follow(make):
+    """SoLU (LN inside the MLP) and Bridges have no replay rule: the forward engine takes its
+    columns from the double-backward of the detached graph instead, with the same constants."""
+    from lin_lens.testing import tiny_bridge
+
+    model = tiny_bridge(make.split("-")[1]) if make.startswith("bridge") else tiny_model(make)
     toks = _tokens()
-    with pytest.raises(ReplayUnsupported):
-        operators_at_hooks(model, toks, ["blocks.1.hook_resid_post"], engine="forward")
-    res = operators_at_hooks(model, toks, layer_sweep_hooks(model), pos=None, engine="auto")
-    assert all(m.meta["engine"] == "reverse" for m in res.values())
-    assert all(m.relative_error <= 1e-12 for m in res.values())
+    hooks = layer_sweep_hooks(model)
+    fwd = operators_at_hooks(model, toks, hooks, pos=[2, 5], engine="forward")
+    rev = operators_at_hooks(model, toks, hooks, pos=[2, 5], engine="reverse")
+    for h in hooks:
+        assert fwd[h].meta["engine"] == "forward (graph)"
+        assert torch.allclose(fwd[h].J4, rev[h].J4, rtol=0, atol=1e-12), h
+        assert fwd[h].constants.keys() == rev[h].constants.keys(), h
+        for o in rev[h].constants:
+            assert torch.allclose(fwd[h].constants[o], rev[h].constants[o], rtol=0, atol=1e-12)
+        assert fwd[h].relative_error <= 1e-12
+    auto = operators_at_hooks(model, toks, hooks, pos=-1, engine="auto")
+    assert all(m.relative_error <= 1e-12 for m in auto.values())
 
 
 def test_auto_choice():
