@@ -118,7 +118,8 @@ def agreement(cache="/tmp/lin_lens_bench"):
     out = []
     for dt in ("f32", "f64"):
         for n in (7, 64, 256):
-            names = {k: f"{cache}/J_{k}_{n}_{dt}.pt" for k in ("hf", "jr", "lm", "sw")}
+            # the sweep's saved J is the last resid_post, before ln_final: not the same map
+            names = {k: f"{cache}/J_{k}_{n}_{dt}.pt" for k in ("hf", "jr", "lm")}
             Js = {k: torch.load(p) for k, p in names.items() if os.path.exists(p)}
             if len(Js) < 2:
                 continue
@@ -126,8 +127,6 @@ def agreement(cache="/tmp/lin_lens_bench"):
             for k, J in Js.items():
                 if k == "lm" or ref is None:
                     continue
-                if k == "sw":
-                    continue  # resid_post of the last block, before ln_final: not the same map
                 d = float((J.to(ref.dtype) - ref).abs().max())
                 out.append(f"| n={n} {dt} | {k} vs linear_map | max abs diff {d:.2e} | "
                            f"max abs J {float(ref.abs().max()):.2e} |")

@@ -360,11 +360,7 @@ class GraphColumns:
         stack.enter_context(detached(model))
         hs = stack.enter_context(HookSet(model))
         cap = lm._Capture()
-        hs.add(source, cap.leaf("source"))
-        src_name = resolve_hook(model, source).name or source
-        for o in ("hook_embed", "hook_pos_embed"):
-            if o in model.hook_dict and (resolve_hook(model, o).name or o) != src_name:
-                hs.add(o, cap.leaf(o))
+        cap.add_leaves(model, hs, source)
         acts: dict[str, Tensor] = {}
         cuts = cut_hooks(model)
         for h in hooks:
@@ -401,18 +397,14 @@ class GraphColumns:
             readout_input: bool = False, start: int = 0) -> dict[str, Tensor]:
         if start or readout_input:
             raise ReplayUnsupported("graph columns are full-length and hook-only")
-        lm = _lm()
-        if tangent is None:
-            g, leaf = self.g[origin], self.leaves[origin]
-            if g is None or not g.requires_grad:
-                return self._split(self.u0.new_zeros(1, self.u0.numel()))
-            return self._split(lm.batched_grad(g, self.u0, leaf.detach()[None]))
-        T = tangent.reshape(-1, *self.x.shape)
-        g = self.g["source"]
-        if g is None or not g.requires_grad:
+        if tangent is None:  # the constant of one origin: J_origin · its value
+            name, T = origin, self.leaves[origin].detach()[None]
+        else:
+            name, T = "source", tangent.reshape(-1, *self.x.shape)
+        g = self.g[name]
+        if g is None or not g.requires_grad:  # the leaf does not reach the targets
             return self._split(self.u0.new_zeros(len(T), self.u0.numel()))
-        return self._split(torch.cat([lm.batched_grad(g, self.u0, T[i:i + self.chunk])
-                                      for i in range(0, len(T), self.chunk)]))
+        return self._split(_lm().batched_grad(g, self.u0, T, chunk=self.chunk))
 
     def origins(self) -> list[str]:
         return [k for k, v in self.leaves.items()
@@ -733,8 +725,8 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
     dtype = lm._dtype(model)
     m_max = max_iter or math.ceil((6 * k + 32) / block)
     d_model = int(model.cfg.d_model)
-    need = memory.graph_bytes(model, n, dtype) + 4 * (p + 1) * d_model * block * memory.itemsize(
-        dtype) + 2 * (p + 1) * d_model * block * m_max * memory.itemsize(dtype)
+    vec_bytes = (p + 1) * d_model * memory.itemsize(dtype)  # one vector in the source space
+    need = memory.graph_bytes(model, n, dtype) + vec_bytes * block * (4 + 2 * m_max)
     memory.check(need, f"matrix-free SVD at {n} tokens", max_memory,
                  hint="Use fewer tokens, a smaller k/max_iter, or raise max_memory.")
     hk = hook if hook == LOGITS else (resolve_hook(model, hook).name or hook)
@@ -761,17 +753,13 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
         chunk = memory.preferred_chunk(n)
 
         def vjp(Ub: Tensor) -> Tensor:  # [d_out, b] → [N, b]
-            G = Ub.T.contiguous()
-            gx = torch.cat([lm.batched_grad(y, x, G[i:i + chunk])
-                            for i in range(0, len(G), chunk)])
-            return gx.reshape(len(G), n * d_in)[:, :N].T
+            gx = lm.batched_grad(y, x, Ub.T.contiguous(), chunk=chunk)
+            return gx.reshape(Ub.shape[1], n * d_in)[:, :N].T
 
         def jvp(Vb: Tensor) -> Tensor:  # [N, b] → [d_out, b]
             T = Vb.new_zeros(Vb.shape[1], n * d_in)
             T[:, :N] = Vb.T
-            T = T.view(-1, *x.shape)
-            return torch.cat([lm.batched_grad(JTu, u0, T[i:i + chunk])
-                              for i in range(0, len(T), chunk)]).T
+            return lm.batched_grad(JTu, u0, T.view(-1, *x.shape), chunk=chunk).T
 
         res_k = _block_lanczos(jvp, vjp, N, d_space, k, block, tol, vec_tol, m_max, seed,
                                dtype, progress, guard)

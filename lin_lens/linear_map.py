@@ -174,6 +174,17 @@ class _Capture:
 
         return fn
 
+    def add_leaves(self, model: Any, hs: HookSet, source: str) -> None:
+        """The source as leaf "source", and every input origin that is not the source
+        (``hook_embed``, ``hook_pos_embed``) as a leaf of its own, for its constant."""
+        hs.add(source, self.leaf("source"))
+        src_name = resolve_hook(model, source).name or source
+        for origin in ("hook_embed", "hook_pos_embed"):
+            if origin not in model.hook_dict:
+                continue
+            if (resolve_hook(model, origin).name or origin) != src_name:
+                hs.add(origin, self.leaf(origin))
+
     def read(self, t: Tensor, hook: Any = None) -> None:
         self.order.append("target")
         self.act = t
@@ -259,12 +270,7 @@ def linear_map(
         biases = stack.enter_context(_bias_grads(model))
         stack.enter_context(torch.enable_grad())
 
-        hs.add(source, cap.leaf("source"))
-        src_name = resolve_hook(model, source).name or source
-        for origin in ("hook_embed", "hook_pos_embed"):
-            name = resolve_hook(model, origin).name if origin in model.hook_dict else None
-            if origin in model.hook_dict and (name or origin) != src_name:
-                hs.add(origin, cap.leaf(origin))
+        cap.add_leaves(model, hs, source)
         if hook == LOGITS:
             hs.add_module_hook(model.unembed, lambda m, args: cap.read(args[0]), pre=True)
         else:
@@ -477,19 +483,25 @@ def _vjp_rows(model, cap, biases, x, origins, act, tgt, cov, chunk_size, progres
 
 
 def batched_grad(outputs: Tensor, inputs: Tensor | Sequence[Tensor], grads: Tensor,
-                 allow_unused: bool = False) -> Any:
+                 allow_unused: bool = False, chunk: int | None = None) -> Any:
     """``torch.autograd.grad`` over a retained graph for a batch of cotangents
-    ``grads`` [B, *outputs.shape]; results carry the leading B. A batch of one runs a plain
-    backward pass (no vmap), which is the fastest form at long inputs."""
+    ``grads`` [B, *outputs.shape]; results carry the leading B. ``chunk``: at most that many
+    cotangents per backward pass. A pass of one is a plain backward pass (no vmap), the fastest
+    form at long inputs."""
     single = isinstance(inputs, Tensor)
     ins = [inputs] if single else list(inputs)
-    if grads.shape[0] == 1:
-        res = torch.autograd.grad(outputs, ins, grads[0], retain_graph=True,
-                                  allow_unused=allow_unused)
-        res = tuple(None if r is None else r.unsqueeze(0) for r in res)
-    else:
-        res = torch.autograd.grad(outputs, ins, grads, retain_graph=True,
-                                  allow_unused=allow_unused, is_grads_batched=True)
+    parts = []
+    for i in range(0, len(grads), chunk or len(grads)):
+        g = grads[i:i + chunk] if chunk else grads
+        if len(g) == 1:
+            res = torch.autograd.grad(outputs, ins, g[0], retain_graph=True,
+                                      allow_unused=allow_unused)
+            res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+        else:
+            res = torch.autograd.grad(outputs, ins, g, retain_graph=True,
+                                      allow_unused=allow_unused, is_grads_batched=True)
+        parts.append(res)
+    res = tuple(None if ps[0] is None else torch.cat(ps) for ps in zip(*parts, strict=True))
     return res[0] if single else res
 
 

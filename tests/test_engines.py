@@ -87,7 +87,12 @@ def test_forward_engine_from_the_graph_where_replay_cannot_follow(make):
     model = tiny_bridge(make.split("-")[1]) if make.startswith("bridge") else tiny_model(make)
     toks = _tokens()
     hooks = layer_sweep_hooks(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    n_hooks = {n: len(hp.fwd_hooks) for n, hp in model.hook_dict.items()}
     fwd = operators_at_hooks(model, toks, hooks, pos=[2, 5], engine="forward")
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert n_hooks == {n: len(hp.fwd_hooks) for n, hp in model.hook_dict.items()}
+    assert not is_detached(model)
     rev = operators_at_hooks(model, toks, hooks, pos=[2, 5], engine="reverse")
     for h in hooks:
         assert fwd[h].meta["engine"] == "forward (graph)"
