@@ -691,7 +691,7 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
 
     Block Golub–Kahan–Lanczos with full reorthogonalisation; each iteration costs ``block``
     JVPs and ``block`` VJPs. The default is single-vector Lanczos (``block=1``, the fewest
-    products: 41 + 41 for the top 16 on SmolLM2 at 256 tokens, against 96 + 96 with
+    products: 41 + 41 for the top 16 on SmolLM2 at 256 tokens, against 112 + 112 with
     ``block=16``) from 32 tokens on, and ``min(k, 8)`` below, where batched products are several
     times cheaper per vector. Pass ``block ≥`` the multiplicity when singular values may repeat
     exactly. Both come from one retained detached graph: VJPs
