@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from lin_lens.engines import layer_sweep_hooks, operators_at_hooks
+from lin_lens import operators_at_hooks
+from lin_lens.maps import layer_sweep_hooks
 from lin_lens.models import load_model
 
 warnings.filterwarnings("ignore")

@@ -13,9 +13,9 @@ Engines (each measured in its own subprocess, so each gets its own peak RSS):
   jr_rows      the same for the first R output rows → per-row cost (extrapolated full time).
   linear_map   lin_lens.linear_map(model, tokens, "unembed.hook_in", -1) (reverse engine).
   lm_rows      R rows of the same via out_index → per-row cost (extrapolated full time).
-  sweep        lin_lens.engines.operators_at_hooks over every resid_post, attn_out, mlp_out
+  sweep        lin_lens.operators_at_hooks over every resid_post, attn_out, mlp_out
                at the last position (engine="forward"), all 90 operators with constants.
-  topk         lin_lens.engines.top_singular(k=16) at the last position (matrix-free).
+  topk         lin_lens.top_singular(k=16) at the last position (matrix-free).
   gemm         the machine's matmul rate on the shapes a detached VJP multiplies.
 
 Usage:
@@ -175,9 +175,9 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
             out["extrapolated"] = True
             J = None
     else:
-        from lin_lens import linear_map
-        from lin_lens.engines import layer_sweep_hooks, operators_at_hooks, top_singular
+        from lin_lens import linear_map, operators_at_hooks, top_singular
         from lin_lens.freeze import detached
+        from lin_lens.maps import layer_sweep_hooks
 
         m = tl_model(dtype)
         for p in m.parameters():
@@ -186,7 +186,7 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
         linear_map(m, toks[:, :3], "unembed.hook_in", -1, progress=False)  # warm-up
         J = None
         if engine in ("jacrev", "jr_rows"):
-            from lin_lens._hooks import HookSet
+            from lin_lens._tl import HookSet
 
             emb = m.embed(toks)[0].detach()
 
@@ -280,7 +280,7 @@ def rel_err(J, x, y):
 def gemm_rate(n: int, dtype, out) -> dict:
     """GFLOP/s of the matmuls a batched VJP does at n tokens: [chunk·n, d] @ [d, d_mlp] and
     [d, d], with lin_lens's own chunk for n (``memory.preferred_chunk``)."""
-    from lin_lens.memory import preferred_chunk
+    from lin_lens.maps.budget import preferred_chunk
 
     rows = preferred_chunk(n) * n
     res = {}

@@ -19,7 +19,7 @@ warnings.simplefilter("ignore")
 import torch  # noqa: E402
 
 import lin_lens  # noqa: E402
-from lin_lens.backends import HAS_HOOKED, TL_VERSION  # noqa: E402
+from lin_lens._tl import HAS_HOOKED, TL_VERSION  # noqa: E402
 from lin_lens.testing import BRIDGE_ARCHS, HOOKED_ARCHS, tiny_bridge, tiny_model  # noqa: E402
 
 HOOKS = [

@@ -60,7 +60,7 @@ def main() -> None:
         print(json.dumps(_one(args.one[0], args.one[1], args.fold_ln)))
         return
 
-    from lin_lens.backends import HAS_HOOKED, TL_VERSION
+    from lin_lens._tl import HAS_HOOKED, TL_VERSION
 
     backends = args.backends or (["hooked", "bridge"] if HAS_HOOKED else ["bridge"])
     rows = []

@@ -16,7 +16,7 @@ import bench_engines as B  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from lin_lens import engines as E  # noqa: E402
+from lin_lens.maps.graph import detached_forward  # noqa: E402
 
 N, DT, REPS = 256, torch.float64, 3
 
@@ -38,9 +38,9 @@ m = B.tl_model(DT)
 for p in m.parameters():
     p.requires_grad_(False)
 with contextlib.ExitStack() as st:
-    x, acts = E._run_primal(st, m, toks, "hook_embed", ["unembed.hook_in"], None, grad=True)
-    profiled(acts["unembed.hook_in"][0, -1], x, G, "TL + lin_lens")
-del m, x, acts
+    fwd = detached_forward(st, m, toks, "hook_embed", ["unembed.hook_in"])
+    profiled(fwd.acts["unembed.hook_in"][0, -1], fwd.x, G, "TL + lin_lens")
+del m, fwd
 hf, _ = B.hf_model(DT)
 hf.eval()
 for p in hf.parameters():

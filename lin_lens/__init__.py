@@ -1,35 +1,72 @@
-"""lin_lens: exact linear maps of transformer activations via detached nonlinearities."""
+"""lin_lens: exact linear maps of transformer activations via detached nonlinearities.
 
-from lin_lens.analysis import decode, stable_rank, svd, top_singular_tokens
-from lin_lens.components import decompose, head_operators
+The pipeline, one subpackage per step: :mod:`~lin_lens.freeze` (detached mode) →
+:mod:`~lin_lens.maps` (exact operators: request, engines, :class:`LinearMap`) →
+:mod:`~lin_lens.spectrum` / :mod:`~lin_lens.decode` (SVD, stable rank, vectors to tokens) →
+:mod:`~lin_lens.analyses` (heads, decomposition, layer sweep, steering) →
+:mod:`~lin_lens.display` / :mod:`~lin_lens.report` / :mod:`~lin_lens.cli`. Models come from
+:mod:`~lin_lens.models` (real, offline) and :mod:`~lin_lens.testing` (tiny, random).
+"""
+
+from lin_lens.analyses import (
+    decompose,
+    head_operators,
+    layer_sweep,
+    steer,
+    steering_hooks,
+    steering_operator,
+)
+from lin_lens.decode import decode, top_singular_tokens
+from lin_lens.errors import (
+    InvalidArgumentError,
+    LinLensError,
+    MemoryBudgetError,
+    NotExactError,
+    NotLinearError,
+    UnknownHookError,
+    UnsupportedFeatureError,
+)
 from lin_lens.freeze import detached, is_detached
-from lin_lens.gates import UnsupportedFeatureError
-from lin_lens.linear_map import linear_map, to_tokens
+from lin_lens.maps import (
+    LinearMap,
+    TopSingular,
+    default_tolerance,
+    linear_map,
+    operators_at_hooks,
+    to_tokens,
+    top_singular,
+)
 from lin_lens.models import load_hf, load_model
-from lin_lens.result import LinearMap, NotExactError, default_tolerance
-from lin_lens.steering import steer, steering_hooks, steering_operator
-from lin_lens.sweep import layer_sweep
+from lin_lens.spectrum import stable_rank, svd
 
 __all__ = [
+    "InvalidArgumentError",
+    "LinLensError",
+    "LinearMap",
+    "MemoryBudgetError",
+    "NotExactError",
+    "NotLinearError",
+    "TopSingular",
+    "UnknownHookError",
+    "UnsupportedFeatureError",
     "decode",
     "decompose",
+    "default_tolerance",
+    "detached",
     "head_operators",
+    "is_detached",
     "layer_sweep",
+    "linear_map",
+    "load_hf",
+    "load_model",
+    "operators_at_hooks",
     "stable_rank",
     "steer",
     "steering_hooks",
     "steering_operator",
     "svd",
-    "top_singular_tokens",
-    "LinearMap",
-    "NotExactError",
-    "UnsupportedFeatureError",
-    "default_tolerance",
-    "detached",
-    "is_detached",
-    "linear_map",
-    "load_hf",
-    "load_model",
     "to_tokens",
+    "top_singular",
+    "top_singular_tokens",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -73,12 +73,10 @@ def load(name: str, dtype: str, backend: str | None) -> Any:
 
     dt = getattr(torch, dtype)
     if name == "tiny-gpt2":
-        from lin_lens.backends import HAS_HOOKED
-        from lin_lens.testing import tiny_model, tiny_tokenizer
+        from lin_lens._tl import HAS_HOOKED
+        from lin_lens.testing import tiny_bridge, tiny_model, tiny_tokenizer
 
         if backend == "bridge" or (backend is None and not HAS_HOOKED):
-            from lin_lens.testing import tiny_bridge
-
             return tiny_bridge("gpt2", dtype=dt)
         model = tiny_model("gpt2", dtype=dt, d_vocab=50)
         model.set_tokenizer(tiny_tokenizer(50), default_padding_side="right")
@@ -91,12 +89,9 @@ def load(name: str, dtype: str, backend: str | None) -> Any:
 def _lin_lens_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause with arguments: shown as one line, exit code 2 (set
     LIN_LENS_DEBUG=1 for the traceback)."""
-    from lin_lens._hooks import UnknownHookError
-    from lin_lens.gates import UnsupportedFeatureError
-    from lin_lens.result import NotExactError
+    from lin_lens.errors import LinLensError
 
-    return (UnknownHookError, UnsupportedFeatureError, NotExactError, ValueError, IndexError,
-            ImportError, FileNotFoundError)
+    return (LinLensError, ValueError, IndexError, ImportError, FileNotFoundError)
 
 
 def analyze_cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -27,9 +27,14 @@ from typing import Any
 
 import torch
 
-
-class ModelNotAvailableError(ImportError):
-    """The package that ships a model's weights is not installed."""
+from lin_lens._tl import (
+    HAS_BRIDGE,
+    HAS_HOOKED,
+    TL_VERSION,
+    HookedTransformer,
+    TransformerBridge,
+)
+from lin_lens.errors import InvalidArgumentError, ModelNotAvailableError
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def _spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
         ) from None
 
@@ -181,8 +186,6 @@ def _gguf_parsed_once() -> Iterator[None]:
 def default_backend() -> str:
     """``"hooked"`` where this TransformerLens has ``HookedTransformer`` (≤ 3.x), else
     ``"bridge"``."""
-    from lin_lens.backends import HAS_HOOKED
-
     return "hooked" if HAS_HOOKED else "bridge"
 
 
@@ -224,19 +227,19 @@ def load_model(
     """
     spec = _spec(name)
     backend = backend or default_backend()
-    from lin_lens.backends import HAS_BRIDGE, HAS_HOOKED, TL_VERSION
-
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        raise InvalidArgumentError(
+            f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "hooked" and not HAS_HOOKED:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"backend='hooked' needs HookedTransformer, which TransformerLens {TL_VERSION} does "
             "not have (removed in 4.0); use backend='bridge' or transformer_lens<4"
         )
     if backend == "bridge" and not HAS_BRIDGE:
-        raise ValueError(f"TransformerLens {TL_VERSION} has no TransformerBridge (needs ≥ 3.6)")
+        raise InvalidArgumentError(
+            f"TransformerLens {TL_VERSION} has no TransformerBridge (needs ≥ 3.6)")
     if (hf_model is None) != (tokenizer is None):
-        raise ValueError("pass hf_model and tokenizer together")
+        raise InvalidArgumentError("pass hf_model and tokenizer together")
     if hf_model is None:
         hf_model, tokenizer = load_hf(name, dtype, device)
     build = _hooked if backend == "hooked" else _bridge
@@ -268,8 +271,6 @@ def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
     # "llama" select hard-coded configs; the lower-level loaders accept a local config dir.
     from transformer_lens import loading_from_pretrained as loading
 
-    from lin_lens.backends import HookedTransformer
-
     with _quiet_tl(), tempfile.TemporaryDirectory(prefix="lin_lens_cfg_") as cfg_dir:
         source = spec.tl_name
         if source is None:
@@ -299,7 +300,7 @@ def _check_same_shape(cfg: Any, hf_cfg: Any) -> None:
     bad = {k: (getattr(cfg, k), getattr(hf_cfg, v, None)) for k, v in pairs.items()
            if getattr(hf_cfg, v, None) is not None and getattr(cfg, k) != getattr(hf_cfg, v)}
     if bad:
-        raise ValueError(f"TransformerLens config does not match the weights: {bad}")
+        raise InvalidArgumentError(f"TransformerLens config does not match the weights: {bad}")
 
 
 def _rope_theta(config: Any) -> float | None:
@@ -311,8 +312,6 @@ def _rope_theta(config: Any) -> float | None:
 
 
 def _bridge(spec, hf, tok, dtype, fold_ln, device, n_ctx):
-    from lin_lens.backends import TransformerBridge
-
     with _quiet_tl():
         model = TransformerBridge.boot_transformers(
             spec.hf_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype, n_ctx=n_ctx,

@@ -18,9 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens import analysis, display, plots
-from lin_lens._hooks import resolve_hook
-from lin_lens.linear_map import linear_map, to_tokens
+from lin_lens import display, spectrum
+from lin_lens._html import table
+from lin_lens._numeric import relative_error
+from lin_lens._tl import model_dtype, resolve_hook
+from lin_lens.analyses import layer_sweep
+from lin_lens.display import plots
+from lin_lens.errors import InvalidArgumentError, InvalidPositionError
+from lin_lens.maps import linear_map, ordinary_reconstruction, to_tokens
 from lin_lens.progress import progress_bar
 
 DEFAULT_HOOK = "ln_final.hook_normalized"
@@ -57,34 +62,6 @@ class Analysis:
 
 # -- computing ----------------------------------------------------------------------------------
 
-def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int) -> Tensor:
-    """``J x + Σ_b J_b b`` of the *ordinary* (not detached) network at ``hook``, position ``pos``:
-    one forward-mode pass with every linear input (embeddings, positional embeddings, biases)
-    as its own tangent, instead of a full ordinary Jacobian (d_out backward passes). It is
-    what ``linear_map(..., detach=False).reconstruct()`` returns."""
-    import torch.autograd.forward_ad as fwAD
-
-    from lin_lens.linear_map import _is_bias
-
-    out: dict[str, Tensor] = {}
-    biases = {n: p for n, p in model.named_parameters() if _is_bias(n) and p.is_floating_point()}
-
-    def dual(t: Tensor, hook: Any) -> Tensor:
-        return fwAD.make_dual(t, t)
-
-    def grab(t: Tensor, hook: Any) -> None:
-        out["jvp"] = fwAD.unpack_dual(t).tangent
-
-    hooks = [(h, dual) for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
-    hooks.append((hook, grab))
-    with fwAD.dual_level(), torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        params = {n: fwAD.make_dual(p.detach(), p.detach()) for n, p in biases.items()}
-        torch.func.functional_call(model, params, (tokens,), {"return_type": None}, strict=False)
-    if out.get("jvp") is None:
-        raise ValueError(f"no forward-mode tangent reached {hook!r}")
-    return out["jvp"][0, pos].reshape(-1)
-
-
 def _ordinary(model: Any, tokens: Tensor, hook: str, pos: int, progress: Any) -> Tensor:
     try:
         return ordinary_reconstruction(model, tokens, hook, pos)
@@ -97,10 +74,10 @@ def _hook_analysis(model, tokens, hook, pos, labels, ordinary, k, progress) -> H
     t0 = time.perf_counter()
     lm = linear_map(model, tokens, hook, pos, progress=progress)
     if lm.J.ndim != 3 or len(lm.out_shape) != 1:
-        raise ValueError(f"hook {hook!r}: the report needs a vector-valued activation, "
+        raise InvalidArgumentError(f"hook {hook!r}: the report needs a vector-valued activation, "
                          f"got output shape {list(lm.out_shape)}")
     orig = _ordinary(model, tokens, hook, pos, progress) if ordinary else None
-    dec = analysis.svd(lm)  # per token, oriented so that v·x_i ≥ 0
+    dec = spectrum.svd(lm)  # per token, oriented so that v·x_i ≥ 0
     decoded = display.decode_svd(model, dec.U, dec.Vh.transpose(-1, -2), labels, k=k)
     return HookAnalysis(hook, lm, orig, dec.S.float(), dec.stable_rank, decoded,
                         time.perf_counter() - t0)
@@ -116,7 +93,7 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
     labels = display.str_tokens(model, tokens)
     n = tokens.shape[1]
     if not -n <= pos < n:
-        raise IndexError(f"position {pos} out of range for an input of {n} tokens")
+        raise InvalidPositionError(f"position {pos} out of range for an input of {n} tokens")
     with torch.no_grad():
         logits = model(tokens, return_type="logits")[0, pos].double()
     probs = logits.softmax(-1)
@@ -128,8 +105,9 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
     hooks = list(hooks or [DEFAULT_HOOK])
     for h in hooks:  # fail on a typo before any long computation
         if h == "logits":
-            raise ValueError("the full map of the logits has d_vocab rows; the report maps "
-                             f"{DEFAULT_HOOK!r} (decoded through W_U) and the predicted logit")
+            raise InvalidArgumentError(
+                "the full map of the logits has d_vocab rows; the report maps "
+                f"{DEFAULT_HOOK!r} (decoded through W_U) and the predicted logit")
         resolve_hook(model, h)
     results = {}
     bar = progress_bar(len(hooks) + 2, "lin-lens analyze", progress, unit="step")
@@ -157,20 +135,13 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
     if sweep:
         t1 = time.perf_counter()
         layers = None if sweep is True else list(sweep)
-        sweep_data = _sweep(model, tokens, pos, layers, progress)
+        sweep_data = layer_sweep(model, tokens, pos, layers=layers, progress=progress)
         timings["sweep"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = str(model_dtype(model)).replace("torch.", "")
     return Analysis(text if isinstance(text, str) else "".join(labels), model_name, tokens[0].cpu(),
                     labels, pos % n, prediction, results, logit_map, attn, sweep_data, timings,
                     dtype)
-
-
-def _sweep(model: Any, tokens: Tensor, pos: int, layers: list[int] | None,
-           progress: Any) -> Any:
-    from lin_lens.sweep import layer_sweep
-
-    return layer_sweep(model, tokens, pos, layers=layers, progress=progress)
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -185,7 +156,8 @@ def summary(a: Analysis, n_tokens: int = 5) -> dict:
     }
     for h, r in a.hooks.items():
         d = {"relative_error": r.lm.relative_error,
-             "relative_error_ordinary": None if r.ordinary is None else _rel(r.lm.act, r.ordinary),
+             "relative_error_ordinary": (None if r.ordinary is None
+                                         else relative_error(r.lm.act, r.ordinary)),
              "J_shape": list(r.lm.J.shape),
              "stable_rank": [round(float(v), 3) for v in r.stable_rank],
              "contribution_norm": [round(float(v), 4) for v in
@@ -263,9 +235,7 @@ code{background:#f3f3f3;padding:0 3px} .note{color:#555;font-size:.92em}
 
 
 def _kv(rows) -> str:
-    return "<table class='kv'>" + "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
-    ) + "</table>"
+    return table(rows, cls="kv")
 
 
 def render_report(a: Analysis) -> str:
@@ -296,7 +266,7 @@ def render_report(a: Analysis) -> str:
     for h, r in a.hooks.items():
         d = s["hooks"][h]
         body.append(f"<h2>Operator at <code>{esc(h)}</code></h2>")
-        body.append(_kv([("J shape", d["J_shape"]),
+        body.append(_kv([("J shape", str(d["J_shape"])),
                          ("relative error (detached)", f"{d['relative_error']:.2e}"),
                          ("relative error (ordinary Jacobian)",
                           "—" if d["relative_error_ordinary"] is None
@@ -351,11 +321,6 @@ def render_report(a: Analysis) -> str:
         calls += c
         text = text.replace("@@VIEW@@", part, 1)
     return display.page(f"lin_lens: {a.text}", text + "\n" + display.script(calls), _STYLE)
-
-
-def _rel(act: Tensor, rec: Tensor) -> float:
-    act, rec = act.reshape(-1).double(), rec.reshape(-1).double()
-    return float((act - rec).norm() / act.norm().clamp_min(1e-300))
 
 
 def write_report(a: Analysis, path: str | Path) -> Path:

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from lin_lens._tl import HAS_HOOKED, TL_VERSION, TransformerBridge
+from lin_lens.errors import InvalidArgumentError, ModelNotAvailableError
+
 # family → HookedTransformerConfig fields (beyond the shared tiny sizes)
 HOOKED_ARCHS: dict[str, dict[str, Any]] = {
     "gpt2": dict(normalization_type="LN", act_fn="gelu_new", positional_embedding_type="standard"),
@@ -32,7 +35,7 @@ HOOKED_ARCHS: dict[str, dict[str, Any]] = {
 BIAS_FREE = {"llama", "gemma", "qwen3"}
 
 
-class HookedTransformerUnavailable(ImportError):
+class HookedTransformerUnavailable(ModelNotAvailableError):
     """This transformer_lens has no HookedTransformer (4.x)."""
 
 
@@ -52,8 +55,6 @@ def tiny_model(
     """
     import warnings
 
-    from lin_lens.backends import HAS_HOOKED, TL_VERSION
-
     if not HAS_HOOKED:
         raise HookedTransformerUnavailable(
             f"transformer_lens {TL_VERSION} has no HookedTransformer (removed in 4.0)"
@@ -61,7 +62,7 @@ def tiny_model(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     if arch not in HOOKED_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(HOOKED_ARCHS)}")
+        raise InvalidArgumentError(f"unknown arch {arch!r}; choose from {sorted(HOOKED_ARCHS)}")
     fields = dict(
         n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=d_model // 4, n_heads=4,
         d_mlp=2 * d_model, d_vocab=d_vocab, dtype=dtype, seed=seed,
@@ -137,7 +138,7 @@ def _hf_config(arch: str, d_vocab: int):
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=d_vocab, n_embd=16, n_layer=2, n_head=4, n_positions=64,
                              activation_function="gelu_new", tie_word_embeddings=False)
-    raise ValueError(f"unknown bridge arch {arch!r}; choose from {BRIDGE_ARCHS}")
+    raise InvalidArgumentError(f"unknown bridge arch {arch!r}; choose from {BRIDGE_ARCHS}")
 
 
 def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0,
@@ -145,8 +146,6 @@ def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: i
     """A tiny random ``TransformerBridge`` built offline from a Hugging Face config."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers as tf
-
-    from lin_lens.backends import TransformerBridge
 
     cfg = _hf_config(arch, d_vocab)
     torch.manual_seed(seed)

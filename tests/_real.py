@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LIN_LENS_PROGRESS", "0")
 
 from lin_lens import models  # noqa: E402
-from lin_lens.backends import HAS_BRIDGE, HAS_HOOKED  # noqa: E402
+from lin_lens._tl import HAS_BRIDGE, HAS_HOOKED  # noqa: E402
 
 SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"

@@ -31,7 +31,7 @@ def skip_unless_hooked() -> None:
     __tracebackhide__ = True  # report the skip at the caller's line, not here
     from importlib.metadata import version
 
-    from lin_lens.backends import HAS_HOOKED
+    from lin_lens._tl import HAS_HOOKED
 
     if not HAS_HOOKED:
         pytest.skip(

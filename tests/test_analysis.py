@@ -8,19 +8,17 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.analysis import (
+from lin_lens.decode import (
     contributions,
     decode,
     decode_vectors,
     output_logit_directions,
-    stable_rank,
-    stacked_operator,
-    svd,
     token_strings,
     top_singular_tokens,
     visible,
 )
-from lin_lens.result import LinearMap
+from lin_lens.maps import LinearMap
+from lin_lens.spectrum import stable_rank, stacked_operator, svd
 from lin_lens.testing import tiny_model
 
 TOKENS = torch.tensor([3, 17, 5, 41, 8])
@@ -192,7 +190,7 @@ def test_decode_vectors_and_token_strings(gpt2):
 
 def test_gram_path_for_tall_maps(monkeypatch, resid_map):
     """Tall, large operators (maps at "logits") use the float64 Gram matrix; same triplets."""
-    import lin_lens.analysis as A
+    import lin_lens.spectrum as A
 
     g = torch.Generator().manual_seed(0)
     J = torch.randn(2, 400, 3, generator=g, dtype=torch.float64) @ torch.randn(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.components import decompose, head_operators
+from lin_lens.analyses import decompose, head_operators
 from lin_lens.testing import tiny_model
 
 TOKENS = torch.tensor([3, 17, 5, 41, 8])

@@ -15,7 +15,7 @@ NEEDS_SMOLLM2 = {"01_quickstart.ipynb", "03_layer_sweep.ipynb", "04_steering.ipy
 @pytest.mark.slow
 @pytest.mark.parametrize("path", DEMOS, ids=[p.stem for p in DEMOS])
 def test_notebook_runs(path, monkeypatch):
-    from lin_lens.backends import HAS_HOOKED, TL_VERSION
+    from lin_lens._tl import HAS_HOOKED, TL_VERSION
 
     if not HAS_HOOKED:  # the circuit walkthrough builds a HookedTransformer; run demos once
         pytest.skip(f"demos run in the transformer_lens 3.x environment (this is {TL_VERSION})")

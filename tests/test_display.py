@@ -87,7 +87,8 @@ def test_norm_contributions(model):
 
 
 def test_decode_svd_keeps_global_topk(model):
-    from lin_lens.analysis import output_logit_directions, svd
+    from lin_lens.decode import output_logit_directions
+    from lin_lens.spectrum import svd
 
     lm = linear_map(model, TEXT, "ln_final.hook_normalized")
     d = svd(lm)
@@ -105,7 +106,7 @@ def test_decode_svd_keeps_global_topk(model):
 
 
 def test_from_token_lists_shows_exactly_the_lists():
-    from lin_lens.analysis import TokenList
+    from lin_lens.decode import TokenList
 
     t = TokenList(["a", "b"], [0, 1], [3.0, 2.0], ["z", "y"], [9, 8], [-3.0, -2.0])
     u = TokenList(["b", "c"], [1, 2], [5.0, 4.0], ["a", "y"], [0, 8], [-1.0, 0.5])

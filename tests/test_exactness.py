@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.backends import HAS_HOOKED
+from lin_lens._tl import HAS_HOOKED
 from lin_lens.testing import BIAS_FREE, BRIDGE_ARCHS, HOOKED_ARCHS, tiny_bridge, tiny_model
 
 hooked = pytest.mark.skipif(not HAS_HOOKED, reason="this transformer_lens has no HookedTransformer")
@@ -166,7 +166,7 @@ def test_opt_bridge_attention_is_refused():
     """The plain AttentionBridge silently drops hook_pattern edits: refuse, naming it."""
     import transformers as tf
 
-    from lin_lens.backends import TransformerBridge
+    from lin_lens._tl import TransformerBridge
     from lin_lens.testing import tiny_tokenizer
 
     cfg = tf.OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=32, num_hidden_layers=1,

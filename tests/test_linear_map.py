@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.backends import HAS_HOOKED
+from lin_lens._tl import HAS_HOOKED
 from lin_lens.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not HAS_HOOKED, reason="needs HookedTransformer (TL < 4)")

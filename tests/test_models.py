@@ -13,7 +13,7 @@ import torch
 
 import lin_lens
 from lin_lens import linear_map, models
-from lin_lens.backends import HAS_BRIDGE, HAS_HOOKED
+from lin_lens._tl import HAS_BRIDGE, HAS_HOOKED
 from tests._real import (
     GEMMA3,
     PROMPT,
@@ -83,9 +83,8 @@ def test_missing_package_names_pip_extra(monkeypatch):
 
 
 def test_hooked_unavailable_is_explained(monkeypatch):
-    import lin_lens.backends as b
 
-    monkeypatch.setattr(b, "HAS_HOOKED", False)
+    monkeypatch.setattr(models, "HAS_HOOKED", False)
     assert models.default_backend() == "bridge"
     with pytest.raises(ValueError, match="HookedTransformer.*backend='bridge'"):
         models.load_model(SMOLLM2, backend="hooked")

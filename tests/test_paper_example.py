@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.analysis import decode
-from lin_lens.components import decompose
-from lin_lens.steering import steer, steering_operator
+from lin_lens.analyses import decompose
+from lin_lens.analyses.steering import steer, steering_operator
+from lin_lens.decode import decode
 
 pytestmark = pytest.mark.slow
 

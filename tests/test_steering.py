@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 
-from lin_lens.steering import SteeringOperator, _run, steer, steering_hooks, steering_operator
+from lin_lens.analyses.steering import (
+    SteeringOperator,
+    _run,
+    steer,
+    steering_hooks,
+    steering_operator,
+)
 from lin_lens.testing import tiny_model
 
 BOS = 49

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lin_lens.analysis import stable_rank, svd
-from lin_lens.sweep import layer_sweep
+from lin_lens.analyses import layer_sweep
+from lin_lens.spectrum import stable_rank, svd
 from lin_lens.testing import tiny_model
 
 TOKENS = torch.tensor([3, 17, 5, 41, 8])

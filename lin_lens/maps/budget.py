@@ -5,8 +5,8 @@ The budget is ``max_memory`` bytes when given (an int, or a string such as ``"4G
 ``min(available RAM / 2, 8 GB)``. Available RAM is read from ``/proc/meminfo`` (Linux) or
 ``os.sysconf``; no extra dependency.
 
-The estimates are deliberately simple and on the safe side (checked against measured peak RSS on
-SmolLM2-135M in ``bench/``):
+The estimates are deliberately simple and on the safe side (checked against measured peak RSS in
+``bench/``; the comparison is in BENCHMARKS.md):
 
 * the result: ``J`` (and, for ``"logits"``, the operator on the vocabulary) plus its constants;
 * the forward graph kept for the VJPs: per layer ``n·(c_m·d_model + c_f·d_mlp)`` values and the
@@ -26,22 +26,20 @@ from typing import Any
 
 import torch
 
+from lin_lens.errors import InvalidArgumentError, MemoryBudgetError
+
 GB = 1024**3
 DEFAULT_CAP = 8 * GB
 MIN_CHUNK, MAX_CHUNK = 8, 256
 PREFERRED_CHUNK = 64  # rows per batched VJP at short inputs (tuned in bench/, BENCHMARKS.md)
 # Rows per batched pass at long inputs: chunk · n_tokens ≈ PASS_ROWS. Under is_grads_batched
 # (vmap) the attention backward copies the frozen pattern once per row, [chunk, heads, n, n], so
-# large chunks stop paying beyond ~1.5k token-rows (SmolLM2, bench/bench_engines.py); at ≥ 1k
-# tokens single unbatched passes are fastest.
+# large chunks stop paying beyond about PASS_ROWS token-rows; at long inputs single unbatched
+# passes are fastest (BENCHMARKS.md).
 PASS_ROWS = 1536
 
 _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("lin_lens_budget",
                                                                      default=None)
-
-
-class MemoryBudgetError(MemoryError):
-    """The computation would not fit the memory budget; the message says what would."""
 
 
 def available_bytes() -> int:
@@ -62,13 +60,16 @@ def available_bytes() -> int:
 def parse_bytes(value: int | float | str | None) -> int | None:
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidArgumentError(
+            f"max_memory must be bytes or a string like '4GB', got {value!r}")
     if isinstance(value, (int, float)):
         if value <= 0:
-            raise ValueError(f"max_memory must be positive, got {value}")
+            raise InvalidArgumentError(f"max_memory must be positive, got {value!r}")
         return int(value)
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", value)
     if not m:
-        raise ValueError(f"cannot read max_memory={value!r}; use bytes or e.g. '4GB'")
+        raise InvalidArgumentError(f"cannot read max_memory={value!r}; use bytes or e.g. '4GB'")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": GB, "t": 1024 * GB}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
 
@@ -128,10 +129,8 @@ def graph_bytes(model: Any, n_tokens: int, dtype: torch.dtype) -> int:
     """Forward activations kept for the backward pass (and the frozen factors for replay): per
     layer the residual- and MLP-sized tensors and the frozen pattern, plus one layer's transient
     scores, mask and softmax (the pattern is detached, so earlier layers' scores are freed), plus
-    a weight-sized workspace: on SmolLM2 every engine, even at 7 tokens, peaked 0.4 GB (f32) /
-    0.8 GB (f64) above the loaded model. With it, the reverse-mode estimates exceed the measured
-    peaks above the model by 8–72 % (256 tokens: 1.55 vs 1.44 GB f32, 3.1 vs 2.87 GB f64) and the
-    matrix-free one at 1024 tokens by 50 % (4.1 vs 2.76 GB)."""
+    a weight-sized workspace that every engine was measured to need even at short inputs
+    (estimates vs measured peaks: BENCHMARKS.md, "Memory")."""
     d = _dims(model)
     per_layer = n_tokens * (12 * d["d_model"] + 4 * d["d_mlp"]) + d["n_heads"] * n_tokens**2
     transient = 3 * d["n_heads"] * n_tokens**2
@@ -173,7 +172,7 @@ def check(need: int, what: str, max_memory: int | float | str | None = None,
                "available now).")
         msg += " " + (hint or (
             "Ask for less (one position, out_index=, direction=), raise max_memory, or use the "
-            "matrix-free path: lin_lens.engines.top_singular(model, tokens, hook, k=16) gives "
+            "matrix-free path: lin_lens.top_singular(model, tokens, hook, k=16) gives "
             "the top singular triplets without forming J."))
         raise MemoryBudgetError(msg)
     return b

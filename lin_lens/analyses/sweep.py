@@ -10,7 +10,7 @@ Kinds of operator (all exact, all for the same target position):
 Per layer and kind we keep: the per-token and stacked stable ranks, the top-k singular values of the
 *focus* operator (``focus="stacked"``: ``[d_out, n_src·d_in]``, or a source-token index), its top-k
 singular vectors decoded to tokens (output side through the final norm and ``W_U``, input side by
-cosine with ``W_E``; see :mod:`lin_lens.analysis`), and the absolute cosines of its top-2 left
+cosine with ``W_E``; see :mod:`lin_lens.decode`), and the absolute cosines of its top-2 left
 (``proj_u``) and right (``proj_v``) singular vectors with those of the final layer's operator of the
 same kind (``attn_out`` / ``mlp_out`` are compared with the final ``resid_post``; transforms with
 the last layer's transform, whose input space differs per layer, so ``proj_v`` there is only a
@@ -19,32 +19,23 @@ cosine between coordinate vectors). Absolute values: singular vectors have a sig
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lin_lens.analysis import SVD, TokenList, decode_vectors, stable_rank, svd, token_strings
-from lin_lens.linear_map import _positions, linear_map, to_tokens
+from lin_lens._html import table
+from lin_lens.decode import TokenList, decode_vectors, token_strings
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+from lin_lens.maps import LinearMap, operators_at_hooks, to_tokens
+from lin_lens.maps.request import positions
 from lin_lens.progress import progress_bar
-from lin_lens.result import LinearMap
+from lin_lens.spectrum import SVD, stable_rank, svd
 
 KINDS = ("resid_post", "attn_out", "mlp_out", "transform")
 _HOOK = {"resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
          "mlp_out": "blocks.{}.hook_mlp_out"}
-
-
-def _operators(model: Any, tokens: Tensor, hooks: list[str], pos: int, source: str,
-               **kw: Any) -> dict[str, LinearMap]:
-    """Maps at several hooks from one source: the multi-hook engine when available, otherwise one
-    :func:`linear_map` per hook. The only place the sweep computes maps."""
-    try:
-        from lin_lens.engines import operators_at_hooks
-    except ImportError:
-        return {h: linear_map(model, tokens, h, pos, source=source, **kw) for h in hooks}
-    return operators_at_hooks(model, tokens, hooks, pos, source=source, **kw)
 
 
 @dataclass
@@ -117,21 +108,9 @@ class LayerSweep:
         out = []
         for kind in self.kinds:
             rows = self.table(kind)
-            head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>"
-                for r in rows)
-            cap = html.escape(f"{kind} (focus {self.focus}) at position {self.position}")
-            out.append(f"<table><caption>{cap}</caption><tr>{head}</tr>{body}</table>")
+            out.append(table([list(r.values()) for r in rows], list(rows[0]),
+                             caption=f"{kind} (focus {self.focus}) at position {self.position}"))
         return "".join(out)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, list):
-        return " ".join(v)
-    return "–" if v is None else str(v)
 
 
 def _focus_svd(lm: LinearMap, focus: str | int, k: int) -> SVD:
@@ -154,16 +133,16 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
     """Operators of every layer (``layers``, default all; the last layer is always added as the
     reference for projections) for one prompt and position. ``kw`` goes to
     :func:`lin_lens.linear_map` (e.g. ``chunk_size``). See the module docstring."""
-    if not isinstance(pos, int):
-        raise TypeError("layer_sweep takes one int position")
+    if isinstance(pos, bool) or not isinstance(pos, int):
+        raise ArgumentTypeError(f"layer_sweep takes one int position, got pos={pos!r}")
     tokens = to_tokens(model, inputs)
-    t = _positions(pos, tokens.shape[1])[0]
+    t = positions(pos, tokens.shape[1])[0]
     n_layers = model.cfg.n_layers
     layers = sorted(set(range(n_layers) if layers is None else [int(x) % n_layers for x in layers])
                     | {n_layers - 1})
     bad = [kd for kd in kinds if kd not in KINDS]
     if bad:
-        raise ValueError(f"unknown kinds {bad}; choose from {KINDS}")
+        raise InvalidArgumentError(f"unknown kinds {bad}; choose from {KINDS}")
     cum = [kd for kd in kinds if kd != "transform"]
     per: dict[str, list[dict]] = {kd: [] for kd in kinds}
     maps: dict[tuple[str, int], LinearMap] = {}
@@ -173,12 +152,13 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
         cum_ops: dict[str, LinearMap] = {}
         if cum:  # one call for every layer: the forward engine gets all hooks from one replay
             hooks = [_HOOK[kd].format(layer) for layer in layers for kd in cum]
-            cum_ops = _operators(model, tokens, hooks, t, "hook_embed", **kw)
+            cum_ops = operators_at_hooks(model, tokens, hooks, t, source="hook_embed", **kw)
         for layer in layers:
             got = {kd: cum_ops.pop(_HOOK[kd].format(layer)) for kd in cum}
             if "transform" in kinds:
                 src, tgt = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"
-                got["transform"] = _operators(model, tokens, [tgt], t, src, **kw)[tgt]
+                got["transform"] = operators_at_hooks(model, tokens, [tgt], t, source=src,
+                                                      **kw)[tgt]
             for kd, lm in got.items():
                 per[kd].append(_summarise(model, lm, focus, k, top))
                 if keep_maps:

@@ -1,16 +1,10 @@
-"""Analyses of one linear map: SVD, stable rank, decoding singular vectors / rows / columns to
-tokens, and per-token contributions.
+"""Vectors to tokens: decoding singular vectors, rows and columns of a linear map, and per-token
+contributions. One pipeline: a vector becomes vocabulary scores (:func:`vocab_scores`), scores
+become a :class:`TokenList` (:func:`top_tokens`).
 
-Conventions (used everywhere in lin_lens):
+Conventions (SVD orientation in :mod:`lin_lens.spectrum`; decoded lists also give the opposite
+end, ``-u`` / ``-v``, so nothing is hidden by the sign choice):
 
-* **per token**: the SVD of each ``J_i`` (``[d_out, d_in]``), batched over source tokens.
-* **stacked**: the SVD of ``[J_0 | J_1 | … ]`` = ``rearrange(J, "s o i -> o (s i)")``, a
-  ``[d_out, n_src·d_in]`` matrix whose product with the flattened input ``x`` is ``Σ_i J_i x_i``.
-  Its right singular vectors live on all input tokens at once; ``Vh.reshape(k, n_src, d_in)``.
-* **sign**: a singular pair (u, v) is only defined up to a joint sign. We orient every pair so
-  that ``v·x ≥ 0`` (x = that token's input, or the flattened input when stacked); then
-  ``u·(J x) = s (v·x) ≥ 0``: u is the direction the *actual* input pushes the output along.
-  Decoded lists also give the opposite end (``-u``, ``-v``) so nothing is hidden by the choice.
 * **decoding the output side** (a vector u in the residual space): ``W_U^T (w ⊙ C u)`` with
   ``w`` the final norm's weight and ``C`` its mean-centering (LayerNorm only). With the final norm
   scale frozen (detached mode) this is exactly the change of the logits per unit of u, up to the
@@ -22,16 +16,15 @@ Conventions (used everywhere in lin_lens):
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lin_lens.result import LinearMap
+from lin_lens import spectrum
+from lin_lens._html import table
 
 # -- token strings ---------------------------------------------------------------------------
 
@@ -54,116 +47,6 @@ def token_strings(model: Any, ids: Any, *, raw: bool = False) -> list[str]:
     if raw:
         return [tok.decode([i]) for i in ids]
     return [visible(tok.decode([i], clean_up_tokenization_spaces=False)) for i in ids]
-
-
-# -- SVD and stable rank -----------------------------------------------------------------------
-
-
-@dataclass
-class SVD:
-    """Top-k singular triplets of a (batch of) matrices, oriented by the sign convention above.
-
-    ``U [..., d_out, k]``, ``S [..., k]``, ``Vh [..., k, d_in]``; ``spectrum [..., r]`` holds
-    all singular values (stable rank needs them even when k is small).
-    """
-
-    U: Tensor
-    S: Tensor
-    Vh: Tensor
-    spectrum: Tensor
-    stacked: bool = False
-
-    @property
-    def stable_rank(self) -> Tensor:
-        return stable_rank(self.spectrum, singular_values=True)
-
-    def reconstruct(self) -> Tensor:
-        """``U diag(S) Vh`` (the matrix itself when k is the full rank)."""
-        return (self.U * self.S[..., None, :]) @ self.Vh
-
-
-def _orient(U: Tensor, Vh: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
-    if x is not None:
-        ref = torch.einsum("...ki,...i->...k", Vh, x.to(Vh.dtype))
-    else:  # no input: make each v's largest-magnitude entry positive
-        idx = Vh.abs().argmax(-1, keepdim=True)
-        ref = Vh.gather(-1, idx)[..., 0]
-    sign = torch.where(ref < 0, -1.0, 1.0).to(U.dtype)
-    return U * sign[..., None, :], Vh * sign[..., :, None]
-
-
-def stacked_operator(J: Float[Tensor, "... src d_out d_in"]) -> Float[Tensor, "... d_out sd"]:
-    """``[J_0 | J_1 | …]``: ``[..., d_out, n_src·d_in]`` (source-major columns)."""
-    return einops.rearrange(J, "... s o i -> ... o (s i)")
-
-
-def svd(lm: LinearMap | Tensor, k: int | None = None, *, stacked: bool = False,
-        x: Tensor | None = None) -> SVD:
-    """SVD of a linear map's per-token operators (``[n_src, …]`` batch) or of the stacked one.
-
-    Args:
-        lm: a :class:`LinearMap` (int position, or a multi-target map: target axis kept as a
-            batch axis) or a tensor ``[..., d_out, d_in]`` (``[..., src, d_out, d_in]`` with
-            ``stacked=True``).
-        k: number of triplets to keep (default all).
-        stacked: SVD of ``[d_out, n_src·d_in]`` instead of one per source token.
-        x: input used for the sign convention (taken from the map by default).
-    """
-    if isinstance(lm, LinearMap):
-        J, x = lm.J, lm.x if x is None else x
-    else:
-        J = lm
-    if stacked:
-        J = stacked_operator(J)
-        x = None if x is None else x.reshape(-1)
-    m, n = J.shape[-2], J.shape[-1]
-    if m >= GRAM_RATIO * n and J.numel() >= GRAM_MIN_NUMEL:
-        U, S, Vh = _gram_svd(J, k)
-    else:
-        U, S, Vh = torch.linalg.svd(J, full_matrices=False)
-    U, Vh = _orient(U, Vh, x)
-    k = S.shape[-1] if k is None else min(k, S.shape[-1])
-    return SVD(U[..., :k], S[..., :k], Vh[..., :k, :], S, stacked)
-
-
-# Tall, large matrices (maps at "logits": d_out = vocab) go through the float64 Gram matrix:
-# ~5x faster than LAPACK's SVD there; singular values accurate to ~1e-16·s_max²/s.
-GRAM_RATIO, GRAM_MIN_NUMEL = 4, 20_000_000
-
-
-def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    G = J.transpose(-1, -2).double() @ J.double()
-    ev, V = torch.linalg.eigh(G)  # ascending
-    S = ev.flip(-1).clamp_min(0).sqrt()
-    V = V.flip(-1)
-    kk = S.shape[-1] if k is None else min(k, S.shape[-1])
-    Vk = V[..., :kk]
-    Sk = S[..., :kk]
-    # U = J V / S for the kept triplets (zero where s = 0)
-    U = (J.double() @ Vk) / torch.where(Sk > 0, Sk, 1.0)[..., None, :]
-    return U.to(J.dtype), S.to(J.dtype), Vk.transpose(-1, -2).to(J.dtype)
-
-
-def stable_rank(obj: LinearMap | SVD | Tensor, *, stacked: bool = False,
-                singular_values: bool = False) -> Tensor:
-    """Stable rank ``Σ s² / s_max²`` (between 1 and the rank; 0 for a zero matrix).
-
-    A :class:`LinearMap` gives one value per source token (``[n_src]``), or one for the stacked
-    operator; a tensor ``[..., m, n]`` one per matrix; with ``singular_values=True`` the tensor is
-    taken as singular values ``[..., r]``.
-    """
-    if isinstance(obj, SVD):
-        return obj.stable_rank
-    if isinstance(obj, LinearMap):
-        J = stacked_operator(obj.J) if stacked else obj.J
-        s = torch.linalg.svdvals(J)
-    elif singular_values:
-        s = obj
-    else:
-        s = torch.linalg.svdvals(stacked_operator(obj) if stacked else obj)
-    s2 = s.pow(2)
-    top = s2.amax(-1)
-    return torch.where(top > 0, s2.sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
 
 
 # -- decoding vectors to tokens --------------------------------------------------------------
@@ -248,7 +131,7 @@ def top_tokens(model: Any, scores: Float[Tensor, " d_vocab"], top: int = 5) -> T
                      (-lo.values).tolist())
 
 
-def _space(model: Any, lm: LinearMap) -> tuple[str | None, str | None]:
+def _space(model: Any, lm: Any) -> tuple[str | None, str | None]:
     """Where the output / input vectors live: 'vocab', 'resid' or None (not decodable)."""
     d_model = model.cfg.d_model
     d_out, d_in = lm.J.shape[-2], lm.J.shape[-1]
@@ -259,18 +142,23 @@ def _space(model: Any, lm: LinearMap) -> tuple[str | None, str | None]:
     return out, ("resid" if d_in == d_model else None)
 
 
+def vocab_scores(model: Any, vectors: Float[Tensor, "d n"], space: str, *,
+                 through_norm: bool = True) -> Float[Tensor, "d_vocab n"]:
+    """Vocabulary scores of columns: ``space`` 'vocab' (already logits), 'out' (residual →
+    final norm → W_U) or 'in' (cosine with W_E)."""
+    if space == "vocab":
+        return vectors
+    if space == "out":
+        return output_logit_directions(model, vectors, through_norm=through_norm)
+    if space == "in":
+        return input_similarities(model, vectors)
+    raise ValueError(f"space must be 'vocab', 'out' or 'in', got {space!r}")
+
+
 def decode_vectors(model: Any, vectors: Float[Tensor, "d n"], space: str, top: int = 5, *,
                    through_norm: bool = True) -> list[TokenList]:
-    """Decode columns: ``space`` 'vocab' (already logits), 'out' (residual → W_U) or 'in'
-    (cosine with W_E)."""
-    if space == "vocab":
-        scores = vectors
-    elif space == "out":
-        scores = output_logit_directions(model, vectors, through_norm=through_norm)
-    elif space == "in":
-        scores = input_similarities(model, vectors)
-    else:
-        raise ValueError(f"space must be 'vocab', 'out' or 'in', got {space!r}")
+    """Decode columns to :class:`TokenList` s (see :func:`vocab_scores` for ``space``)."""
+    scores = vocab_scores(model, vectors, space, through_norm=through_norm)
     return [top_tokens(model, scores[:, j], top) for j in range(scores.shape[1])]
 
 
@@ -291,7 +179,8 @@ class Contributions:
     constant_along: float
 
 
-def contributions(lm: LinearMap) -> Contributions:
+def contributions(lm: Any) -> Contributions:
+    """Norms, shares and signed shares of ``J_i x_i`` for a single-target map."""
     c = lm.contributions()
     if c.ndim != 2:
         raise ValueError("contributions() needs a single-target map (int pos or lm.at(k))")
@@ -366,33 +255,27 @@ class Decoding:
 
     def _repr_html_(self) -> str:
         def cell(t):
-            return html.escape(" ".join(t.tokens) if t is not None else "–")
+            return " ".join(t.tokens) if t is not None else "–"
 
-        head = ("<tr><th>#</th><th>token</th><th>‖J x‖</th><th>share</th><th>stable rank</th>"
-                "<th>s₁</th><th>U₁ → tokens</th><th>V₁ → tokens</th></tr>")
-        body = ""
-        for i, t in enumerate(self.tokens):
-            body += (
-                f"<tr><td>{i}</td><td><code>{html.escape(t)}</code></td>"
-                f"<td>{float(self.contrib.norm[i]):.3g}</td>"
-                f"<td>{float(self.contrib.share[i]):.2f}</td>"
-                f"<td>{float(self.stable_rank[i]):.2f}</td><td>{float(self.S[i, 0]):.3g}</td>"
-                f"<td>{cell(self.out[i][0] if self.out[i] else None)}</td>"
-                f"<td>{cell(self.inp[i][0] if self.inp[i] else None)}</td></tr>")
-        body += (
-            f"<tr><td>all</td><td><i>stacked</i></td><td></td><td></td>"
-            f"<td>{self.stacked_stable_rank:.2f}</td><td>{float(self.stacked_S[0]):.3g}</td>"
-            f"<td>{cell(self.stacked_out[0] if self.stacked_out else None)}</td>"
-            f"<td>{cell(self.stacked_in[0] if self.stacked_in else None)}</td></tr>")
-        cap = html.escape(f"{self.hook} ← {self.source}, position {self.position}")
-        return f"<table><caption>{cap}</caption>{head}{body}</table>"
+        rows = [(i, t, f"{float(self.contrib.norm[i]):.3g}", f"{float(self.contrib.share[i]):.2f}",
+                 f"{float(self.stable_rank[i]):.2f}", f"{float(self.S[i, 0]):.3g}",
+                 cell(self.out[i][0] if self.out[i] else None),
+                 cell(self.inp[i][0] if self.inp[i] else None))
+                for i, t in enumerate(self.tokens)]
+        rows.append(("all", "stacked", "", "", f"{self.stacked_stable_rank:.2f}",
+                     f"{float(self.stacked_S[0]):.3g}",
+                     cell(self.stacked_out[0] if self.stacked_out else None),
+                     cell(self.stacked_in[0] if self.stacked_in else None)))
+        return table(rows, ["#", "token", "‖J x‖", "share", "stable rank", "s₁", "U₁ → tokens",
+                            "V₁ → tokens"],
+                     caption=f"{self.hook} ← {self.source}, position {self.position}")
 
 
-def _single(lm: LinearMap, target: int) -> LinearMap:
+def _single(lm: Any, target: int) -> Any:
     return lm if lm.int_pos else lm.at(target)
 
 
-def decode(model: Any, lm: LinearMap, k: int = 3, top: int = 5, *, n_rows: int = 3,
+def decode(model: Any, lm: Any, k: int = 3, top: int = 5, *, n_rows: int = 3,
            target: int = -1, through_norm: bool = True) -> Decoding:
     """SVD, stable rank, decoded singular vectors / rows / columns and contributions of a map.
 
@@ -409,8 +292,8 @@ def decode(model: Any, lm: LinearMap, k: int = 3, top: int = 5, *, n_rows: int =
     if lm.hook in ("ln_final.hook_out", "unembed.hook_in"):
         through_norm = False  # already past the final norm's weight
     J = lm.J
-    dec = svd(lm, k)
-    st = svd(lm, k, stacked=True)
+    dec = spectrum.svd(lm, k)
+    st = spectrum.svd(lm, k, stacked=True)
 
     def dec_out(cols: Tensor) -> list:
         if out_space is None:
@@ -447,7 +330,7 @@ def decode(model: Any, lm: LinearMap, k: int = 3, top: int = 5, *, n_rows: int =
         meta={"through_norm": through_norm, "out_space": out_space, "in_space": in_space})
 
 
-def top_singular_tokens(model: Any, lm: LinearMap, k: int = 3, top: int = 5,
+def top_singular_tokens(model: Any, lm: Any, k: int = 3, top: int = 5,
                         **kw: Any) -> list[dict]:
     """Shortcut: per source token, the decoded top-k U (output) and V (input) vectors as
     lists of token strings."""

@@ -29,18 +29,12 @@ steers only the final position). Generation is greedy and recomputes the whole s
 step (no KV cache) so that every position is steered consistently. ``rescale=True`` (not in eq. 16)
 gives each ``s_k`` the norm of ``h_k`` before mixing.
 
-Measured on SmolLM2-135M-Instruct (float32), concept "The Golden Gate", layer 20 of 30, prompt
-"I went on vacation to", Σ p(The, ·Golden, ·Gate) for the next token (base 5.6e-5):
-end/all λ=0.5 ×2.0, λ=0.2 ×3.2; end/last λ=0.5 ×2.3 (×3.0 averaged over 8 generated tokens),
-λ=0.3 ×5.6; cyclic/all λ=0.5 ×8.8, λ=0.2 ×29 (the top token becomes a newline). The effect of
-pure eq. 16 is small at this scale: ``J_c[i]`` reads mostly the direction of the concept's own
-token i (its top right singular vectors decode to that token), so other tokens pass little of it.
+Measured effects on SmolLM2 are in the README ("Steering"), with the command that prints them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,9 +42,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lin_lens._hooks import HookSet
-from lin_lens.analysis import token_strings
-from lin_lens.linear_map import linear_map, to_tokens
+from lin_lens._html import table
+from lin_lens._tl import HookSet
+from lin_lens.decode import token_strings
+from lin_lens.errors import InvalidArgumentError
+from lin_lens.maps import linear_map, to_tokens
 
 
 @dataclass
@@ -87,7 +83,7 @@ class SteeringOperator:
                 if pin:
                     s[k] += per[0, 0]
         else:
-            raise ValueError(f"align must be 'end' or 'cyclic', got {self.align!r}")
+            raise InvalidArgumentError(f"align must be 'end' or 'cyclic', got {self.align!r}")
         return s + self.constant.to(x.dtype)
 
     def _pin(self, tokens: Tensor | None) -> bool:
@@ -187,10 +183,8 @@ class SteeringResult:
                 ("mean p(concept) over generation", f"{self.mean_p_concept_base:.3g} → "
                  f"{self.mean_p_concept_steered:.3g}"),
                 ("base", self.text_base), ("steered", self.text_steered)]
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
-        cap = html.escape(f"steering {self.concept!r} at layer {self.layer}, λ={self.lam}")
-        return f"<table><caption>{cap}</caption>{body}</table>"
+        return table(rows, caption=f"steering {self.concept!r} at layer {self.layer}, "
+                                   f"λ={self.lam}")
 
 
 def _generate(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: float,
@@ -214,7 +208,9 @@ def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5, *
     first, i.e. without BOS) for the next token, and averaged over greedy generation, with and
     without steering. ``op`` reuses a precomputed :func:`steering_operator`."""
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1 (the first step is the measurement)")
+        raise InvalidArgumentError(
+            f"max_new_tokens={max_new_tokens}: must be at least 1 (the first step is the "
+            "measurement)")
     if op is None:
         op = steering_operator(model, concept, layer, align=align or "end", **kw)
     elif align is not None and align != op.align:  # same operator, other alignment

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lin_lens.analysis import token_strings
-from lin_lens.plots import _np  # tensors/arrays → float64 numpy, shared with the figures
+from lin_lens._numeric import to_numpy as _np
+from lin_lens.decode import token_strings, vocab_scores
 
 _CALL = re.compile(r'<div id="(circuits-vis-[^"]+)"')
 
@@ -189,26 +189,25 @@ def attention_view(model: Any, tokens: Tensor, layers: Sequence[int] | None = No
 
 def decode_svd(model: Any, U: Tensor, V: Tensor, first_labels: Sequence[str], k: int = 8,
                vocab_k: int = 10) -> list[dict]:
-    """Decode the top-``k`` singular vectors (U: [n, d_out, r], V: [n, d_in, r]) to tokens, as
-    :mod:`lin_lens.analysis` does: U through the final norm and the unembedding, V by cosine
+    """Decode the top-``k`` singular vectors (U: [n, d_out, r], V: [n, d_in, r]) to tokens with
+    :func:`lin_lens.decode.vocab_scores`: U through the final norm and the unembedding, V by cosine
     similarity with ``W_E``. Only the union of the top/bottom-``vocab_k`` tokens of every vector
     is kept, so the tables stay small. Vectors outside the residual space are skipped."""
-    from lin_lens.analysis import input_similarities, output_logit_directions
-
     d_model = model.cfg.d_model
     out = []
     if U is not None and U.shape[-2] == d_model:
-        s = torch.stack([output_logit_directions(model, u[:, :k]).T for u in U])  # [n, k, V]
+        s = torch.stack([vocab_scores(model, u[:, :k], "out").T for u in U])  # [n, k, V]
         out.append(_restrict(model, s, "U → next tokens (through W_U)", first_labels, vocab_k))
     if V is not None and V.shape[-2] == d_model:
-        s = torch.stack([input_similarities(model, v[:, :k]).T for v in V])
+        s = torch.stack([vocab_scores(model, v[:, :k], "in").T for v in V])
         out.append(_restrict(model, s, "V → input tokens (cosine with W_E)", first_labels, vocab_k))
     return out
 
 
 def from_token_lists(lists: Sequence[Sequence[Any]], label: str, first_labels: Sequence[str]
                      ) -> dict:
-    """A :func:`topk_view` sample from ``analysis.TokenList`` s (``lists[first][vector]``, None
+    """A :func:`topk_view` sample from :class:`lin_lens.decode.TokenList` s
+    (``lists[first][vector]``, None
     where not decodable): tokens outside a vector's lists get a score between its two ends, so
     the table shows exactly the listed top and bottom tokens (use ``max_k`` = list length)."""
     vocab: dict[str, int] = {}

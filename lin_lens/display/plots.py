@@ -11,13 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-
-def _np(t: Any) -> np.ndarray:
-    if isinstance(t, torch.Tensor):
-        t = t.detach().to("cpu", torch.float64)
-    return np.asarray(t, dtype=np.float64)
+from lin_lens._numeric import relative_error
+from lin_lens._numeric import to_numpy as _np
 
 
 def _fig(figsize=(5.5, 4.0)):
@@ -25,11 +21,6 @@ def _fig(figsize=(5.5, 4.0)):
 
     fig = Figure(figsize=figsize, dpi=100, layout="constrained")
     return fig, fig.add_subplot()
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    d = np.linalg.norm(a)
-    return float(np.linalg.norm(a - b) / d) if d > 0 else float(np.linalg.norm(a - b))
 
 
 def reconstruction_scatter(lm: Any, ordinary: Any | None = None, max_points: int = 5000,
@@ -47,7 +38,7 @@ def reconstruction_scatter(lm: Any, ordinary: Any | None = None, max_points: int
     for name, rec, color in series:
         r = _np(rec).ravel()
         ax.scatter(y[keep], r[keep], s=6, alpha=0.6, color=color,
-                   label=f"{name} Jacobian (rel. err. {_rel(y, r):.1e})")
+                   label=f"{name} Jacobian (rel. err. {relative_error(y, r):.1e})")
     lo, hi = float(y.min()), float(y.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="identity")
     ax.set_xlabel(f"model output ({lm.hook})")

@@ -1,4 +1,4 @@
-"""Per-head operators and the exact decomposition of an activation into what each component wrote.
+"""The exact decomposition of an activation into what each component wrote.
 
 In detached mode the residual stream at any point is a plain sum of what was written into it:
 the token and position embeddings, each head's ``z_h W_O[h]``, each attention bias ``b_O``, each
@@ -16,7 +16,6 @@ constant with ``part_c = Σ_i J_c[i] x_i + const_c``; the ``J_c`` sum to the who
 
 from __future__ import annotations
 
-import html
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,43 +24,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lin_lens.analysis import norm_params
-from lin_lens.gates import softcap_gate
-from lin_lens.linear_map import _positions, linear_map, to_tokens
-from lin_lens.result import LinearMap
+from lin_lens._html import table
+from lin_lens._numeric import relative_error
+from lin_lens._tl import nonzero_bias
+from lin_lens.analyses.heads import W_O, head_operators
+from lin_lens.decode import norm_params
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+from lin_lens.maps import linear_map, to_tokens
+from lin_lens.maps.readout import Readout
+from lin_lens.maps.request import positions
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 FINAL = ("ln_final.hook_normalized", "logits")
-
-
-def _W_O(model: Any, layer: int) -> Tensor:
-    return model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
-
-
-def head_operators(model: Any, inputs: Any, layer: int, pos: Any = -1, *,
-                   source: str = "hook_embed", **kw: Any) -> list[LinearMap]:
-    """One exact :class:`LinearMap` per head of ``layer``: its output ``z_h W_O[h]`` (TL's
-    ``attn.hook_result``, without ``b_O`` and before any post-attention norm).
-
-    Computed from a single map at ``attn.hook_z`` (``n_heads·d_head`` rows instead of
-    ``n_heads·d_model``): ``J_h = W_O[h]ᵀ J_z[h]``, a rank ≤ d_head operator per source token.
-    ``kw`` goes to :func:`lin_lens.linear_map`.
-    """
-    lz = linear_map(model, inputs, f"blocks.{layer}.attn.hook_z", pos, source=source, **kw)
-    W_O = _W_O(model, layer).to(lz.J4.dtype)
-    n_heads, d_head, _ = W_O.shape
-    J = lz.J4.reshape(*lz.J4.shape[:2], n_heads, d_head, -1)
-    act = lz.act4.reshape(-1, n_heads, d_head)
-    maps = []
-    for h in range(n_heads):
-        Jh = torch.einsum("tsdi,dm->tsmi", J[:, :, h], W_O[h])
-        consts = {k: v.reshape(-1, n_heads, d_head)[:, h] @ W_O[h] for k, v in lz.constants.items()}
-        lm = LinearMap(Jh, lz.x, act[:, h] @ W_O[h], consts, f"blocks.{layer}.attn.hook_result",
-                       lz.source, lz.positions, (W_O.shape[-1],), tokens=lz.tokens,
-                       detached=lz.detached, int_pos=lz.int_pos)
-        lm.meta = {"head": h, "layer": layer}
-        maps.append(lm)
-    return maps
 
 
 # -- decomposition -----------------------------------------------------------------------------
@@ -93,7 +67,7 @@ class Decomposition:
     @property
     def relative_error(self) -> float:
         """‖act − Σ parts‖ / ‖act‖."""
-        return float((self.act - self.total()).norm() / self.act.norm())
+        return relative_error(self.act, self.total())
 
     def __getitem__(self, label: str) -> Tensor:
         return self.parts[self.labels.index(label)]
@@ -133,13 +107,10 @@ class Decomposition:
         return d
 
     def _repr_html_(self, n: int = 12) -> str:
-        rows = "".join(
-            f"<tr><td><code>{html.escape(lab)}</code></td><td>{nm:.3g}</td><td>{al:+.3f}</td></tr>"
-            for lab, nm, al in self.top(n))
-        cap = html.escape(f"{self.hook} at position {self.position}: {len(self.labels)} "
-                          f"components, relative error {self.relative_error:.1e}")
-        return (f"<table><caption>{cap}</caption><tr><th>component</th><th>‖part‖</th>"
-                f"<th>share along target</th></tr>{rows}</table>")
+        rows = [(lab, f"{nm:.3g}", f"{al:+.3f}") for lab, nm, al in self.top(n)]
+        return table(rows, ["component", "‖part‖", "share along target"],
+                     caption=f"{self.hook} at position {self.position}: {len(self.labels)} "
+                             f"components, relative error {self.relative_error:.1e}")
 
 
 def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
@@ -148,17 +119,11 @@ def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
         return model.cfg.n_layers, False, True
     m = _RESID.match(hook)
     if not m:
-        raise ValueError(f"decompose needs a residual-stream target (blocks.L.hook_resid_pre/"
+        raise InvalidArgumentError(
+            f"decompose needs a residual-stream target (blocks.L.hook_resid_pre/"
                          f"mid/post, {', '.join(FINAL)}), got {hook!r}")
     L, where = int(m.group(1)), m.group(2)
     return (L + 1 if where == "post" else L), where == "mid", False
-
-
-def _bias(module: Any, name: str) -> Tensor | None:
-    b = getattr(module, name, None)
-    if isinstance(b, Tensor) and bool(b.detach().ne(0).any()):
-        return b.detach()
-    return None
 
 
 def _post_norm(block: Any, cache: Any, layer: int, which: str, t: int):
@@ -204,19 +169,14 @@ def _final_projection(model: Any, cache: Any, logits: Tensor, hook: str, t: int,
         b = b if b is not None and bool(b.ne(0).any()) else None
         if w is not None:
             P = w.detach()[:, None] * P
-        W_U = model.W_U.detach()
-        P = W_U.T @ P
-        if b is not None:
-            extra["ln_final.b"] = b @ W_U
-        b_U = _bias(model, "b_U")
-        if b_U is not None:
-            extra["unembed.b_U"] = b_U
-        cap = getattr(model.cfg, "output_logits_soft_cap", None)
-        if cap and cap > 0:  # logits = g ⊙ z with the frozen soft-cap gate
-            z = _unembed_input(model, cache, t) @ W_U + (b_U if b_U is not None else 0)
-            g = softcap_gate(z, cap)
-            P = g[:, None] * P
-            extra = {k: g * v for k, v in extra.items()}
+        readout = Readout.at(model, _unembed_input(model, cache, t)[None])
+        P = readout.matrix(P)
+        extra_b = {} if b is None else {"ln_final.b": b @ readout.W}
+        if readout.b is not None:
+            extra_b["unembed.b_U"] = readout.b
+        if readout.gate is not None:  # logits = g ⊙ z with the frozen soft-cap gate
+            extra_b = {k: readout.gate[0] * v for k, v in extra_b.items()}
+        extra.update(extra_b)
         if out_index is not None:
             P = P[out_index]
             extra = {k: v[out_index] for k, v in extra.items()}
@@ -251,14 +211,14 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     ``ln_final.b``, ``unembed.b_U``. A post-attention/-MLP norm (Gemma) is applied to its parts
     with its frozen scale. Zero biases are left out.
     """
-    if not isinstance(pos, int):
-        raise TypeError("decompose takes one int position")
+    if isinstance(pos, bool) or not isinstance(pos, int):
+        raise ArgumentTypeError(f"decompose takes one int position, got pos={pos!r}")
     tokens = to_tokens(model, inputs, prepend_bos)
-    t = _positions(pos, tokens.shape[1])[0]
+    t = positions(pos, tokens.shape[1])[0]
     n_full, with_attn, final = _stage(model, hook)
     idx = None if out_index is None else torch.as_tensor(out_index, device=tokens.device)
     if idx is not None and hook != "logits":
-        raise ValueError("out_index is for hook='logits'")
+        raise InvalidArgumentError(f"out_index is for hook='logits', not {hook!r}")
 
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
@@ -270,16 +230,16 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
         block = model.blocks[layer]
         post_a = _post_norm(block, cache, layer, "ln1", t)
         z = cache[f"blocks.{layer}.attn.hook_z"][0, t]
-        W_O = _W_O(model, layer)
-        for h in range(W_O.shape[0]):
-            parts.append((f"L{layer}H{h}", "head", post_a(z[h] @ W_O[h])))
-        b_O = _bias(block.attn, "b_O")
+        W_O_l = W_O(model, layer)
+        for h in range(W_O_l.shape[0]):
+            parts.append((f"L{layer}H{h}", "head", post_a(z[h] @ W_O_l[h])))
+        b_O = nonzero_bias(block.attn, "b_O")
         if b_O is not None:
             parts.append((f"blocks.{layer}.attn.b_O", "bias", post_a(b_O)))
         if layer == n_full:  # resid_mid: attention only
             continue
         post_m = _post_norm(block, cache, layer, "ln2", t)
-        b_out = _bias(block.mlp, "b_out")
+        b_out = nonzero_bias(block.mlp, "b_out")
         mlp = cache[f"blocks.{layer}.hook_mlp_out"][0, t]
         parts.append((f"L{layer}.mlp", "mlp", mlp - (post_m(b_out) if b_out is not None else 0)))
         if b_out is not None:

@@ -12,11 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lin_lens.errors import UnsupportedFeatureError
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-class UnsupportedFeatureError(NotImplementedError):
-    """A model feature that lin_lens cannot freeze exactly; the message names it."""
 
 
 def _tanh_gelu(x: Tensor) -> Tensor:

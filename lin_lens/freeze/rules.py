@@ -1,7 +1,4 @@
-"""Detached mode: forward values unchanged, every nonlinearity's A(x) frozen on the gradient path.
-
-Everything is done through TransformerLens hook names, so one code path serves
-``HookedTransformer`` and ``TransformerBridge``:
+"""Which hook freezes what: one :class:`Rule` per hook, built from TransformerLens hook names.
 
 ==========================  ==================================================================
 what                         how
@@ -15,81 +12,39 @@ gated MLP (``mlp.hook_pre``) ``.detach()`` the gate pre-activation, so act(gate)
 mixture of experts           ``.detach()`` the router weights and each expert's gate
 plain MLP (``mlp.hook_post``) value kept, gradient ``g(pre)·d pre`` with the analytic gate g
                              (``mlp.hook_mid`` for SoLU-LN)
-final logit soft cap         value kept, gradient ``tanh(z/c)/(z/c)·dz`` (torch hooks on unembed)
+final logit soft cap         value kept, gradient ``tanh(z/c)/(z/c)·dz`` (torch hooks on unembed;
+                             installed by :mod:`lin_lens.freeze.mode`)
 ==========================  ==================================================================
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lin_lens._hooks import HookSet
-from lin_lens.gates import (
-    UnsupportedFeatureError,
-    check_gate,
-    gate_fn,
-    relinearize,
-    softcap_gate,
-)
+from lin_lens._tl import is_bridge, parent_module, unique_hooks
+from lin_lens.errors import UnsupportedFeatureError
+from lin_lens.freeze.gates import check_gate, gate_fn, relinearize
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One freezing hook. ``cut`` rules only detach (a value captured *before* them is still the
-    live linear activation); ``relinearize`` rules replace the gradient path (capture after)."""
+    """One freezing hook. ``cut`` rules only cut or observe (a value captured *before* them is
+    still the live linear activation); ``relinearize`` rules replace the gradient path (capture
+    after)."""
 
     hook: str
     fn: Callable
     kind: Literal["cut", "relinearize"]
+    detaches: bool = False  # the hook's value is simply detached (a frozen factor to record)
 
 
 _EXPERT_GATE = re.compile(r"experts\.\d+\.hook_gate$")
-
-
-def is_bridge(model: Any) -> bool:
-    return any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
-
-
-def _parent(model: Any, hook_name: str) -> torch.nn.Module:
-    parent = hook_name.rsplit(".", 1)[0] if "." in hook_name else ""
-    return model.get_submodule(parent)
-
-
-def unique_hooks(model: Any) -> dict[str, Any]:
-    """One name per HookPoint → HookPoint, preferring TransformerLens's standard alias names.
-
-    On the Bridge, ``blocks.0.mlp.hook_pre`` is an alias of ``blocks.0.mlp.in.hook_out``; the rules
-    below speak the standard names, so those win over the Bridge's canonical ones.
-    """
-    groups: dict[int, list[str]] = {}
-    points: dict[int, Any] = {}
-    for name, hp in model.hook_dict.items():
-        groups.setdefault(id(hp), []).append(name)
-        points[id(hp)] = hp
-    out: dict[str, Any] = {}
-    for key, names in groups.items():
-        out[min(names, key=_standardness)] = points[key]
-    return out
-
-
-_STANDARD_LEAVES = (
-    "hook_scale", "hook_normalized", "hook_pattern", "hook_pre", "hook_pre_linear", "hook_post",
-    "hook_mid", "hook_v", "hook_z", "hook_result", "hook_embed", "hook_pos_embed",
-)
-
-
-def _standardness(name: str) -> tuple[int, int, str]:
-    leaf = name.rsplit(".", 1)[-1]
-    return (0 if leaf in _STANDARD_LEAVES else 1, len(name), name)
 
 
 def _detach(t: Tensor, hook: Any) -> Tensor:
@@ -97,12 +52,12 @@ def _detach(t: Tensor, hook: Any) -> Tensor:
 
 
 def _norm_rule(model: Any, scale_hook: str) -> list[Rule]:
-    norm = _parent(model, scale_hook)
+    norm = parent_module(model, scale_hook)
     native = getattr(norm, "use_native_layernorm_autograd", False) or getattr(
         getattr(norm, "config", None), "layer_norm_folding", False
     )
     if not native:
-        return [Rule(scale_hook, _detach, "cut")]
+        return [Rule(scale_hook, _detach, "cut", True)]
     # Bridge native path: an edited hook_scale makes the Bridge rebuild the norm in a different
     # order (x/scale instead of HF's x·rsqrt), changing forward values at rounding level. Leaving
     # hook_scale alone and relinearising hook_normalized keeps HF's value and its weight product.
@@ -131,7 +86,7 @@ def _norm_rule(model: Any, scale_hook: str) -> list[Rule]:
 
 
 def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
-    attn = _parent(model, pattern_hook)
+    attn = parent_module(model, pattern_hook)
     if is_bridge(model):
         from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -141,7 +96,7 @@ def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
                 "hook_pattern after the fact, so the attention pattern cannot be frozen "
                 "(edits are silently discarded). Use HookedTransformer for this architecture."
             )
-    return [Rule(pattern_hook, _detach, "cut")]
+    return [Rule(pattern_hook, _detach, "cut", True)]
 
 
 def _mlp_rules(model: Any, pre_hook: str, hooks: dict[str, Any]) -> list[Rule]:
@@ -156,7 +111,7 @@ def _mlp_rules(model: Any, pre_hook: str, hooks: dict[str, Any]) -> list[Rule]:
         if act and act.endswith("_ln"):
             raise UnsupportedFeatureError(f"{prefix}: gated MLP with {act!r} activation")
         gate_fn(act)  # refuse activations we could not name
-        return [Rule(pre_hook, _detach, "cut")]
+        return [Rule(pre_hook, _detach, "cut", True)]
 
     gate = gate_fn(act)
     at = f"{prefix}.hook_mid" if act and act.endswith("_ln") and f"{prefix}.hook_mid" in hooks \
@@ -207,72 +162,13 @@ def freezing_rules(model: Any) -> list[Rule]:
         elif leaf == "hook_expert_weights" or _EXPERT_GATE.search(name):
             # MoE: the router's softmax weights (top-k choice is discrete) and each expert's
             # act(gate) are frozen; each expert's up projection carries the linear path.
-            rules.append(Rule(name, _detach, "cut"))
+            rules.append(Rule(name, _detach, "cut", True))
     return rules
 
 
-def _softcap_hooks(model: Any, hs: HookSet) -> None:
-    cap = getattr(model.cfg, "output_logits_soft_cap", None)
-    if not cap or cap <= 0:
-        return
-    seen: dict[str, Tensor] = {}
-
-    def grab(module, args, out):
-        seen["z"] = out
-
-    def relin(module, args, out):
-        z = seen.pop("z", None)
-        if not isinstance(out, Tensor) or z is None or z.shape != out.shape:
-            return None
-        return relinearize(out, z, softcap_gate(z.detach(), cap))
-
-    hs.add_module_hook(model.unembed, grab)
-    hs.add_module_hook(model, relin)
-
-
-_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def detached(model: Any) -> Iterator[Any]:
-    """Put ``model`` in detached mode for the ``with`` block.
-
-    Forward values are unchanged; on the gradient path every normalisation scale, attention
-    pattern and activation gate is frozen, so the network is exactly linear (affine with biases)
-    in its input embeddings. Nests and is re-entrant: only the outermost block installs hooks.
-    On exit, even through an exception, exactly the hooks added here are removed.
-
-    Raises :class:`UnsupportedFeatureError` naming any feature that cannot be frozen exactly.
-    """
-    depth = _DEPTH.get(model, 0)
-    if depth:
-        _DEPTH[model] = depth + 1
-        try:
-            yield model
-        finally:
-            _DEPTH[model] -= 1
-        return
-    rules = freezing_rules(model)  # raises before anything is installed
-    hs = HookSet(model)
-    try:
-        for r in rules:
-            hs.add(r.hook, r.fn)
-        _softcap_hooks(model, hs)
-        _DEPTH[model] = 1
-        with warnings.catch_warnings():
-            # The Bridge warns that an edited native-path norm is recomputed; that is the point.
-            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
-            yield model
-    finally:
-        hs.remove()
-        _DEPTH.pop(model, None)
-
-
-def is_detached(model: Any) -> bool:
-    return _DEPTH.get(model, 0) > 0
 
 
 def cut_hooks(model: Any) -> set[str]:
     """Hook names where detached mode only cuts the gradient (a value read before the cut is
     still the live activation, e.g. a gated MLP's gate pre-activation)."""
-    return {r.hook for r in freezing_rules(model) if r.kind == "cut" and r.fn is _detach}
+    return {r.hook for r in freezing_rules(model) if r.detaches}

@@ -1,0 +1,179 @@
+"""The public entry points of the maps layer and the only dispatcher: a request is checked once
+(:class:`~lin_lens.maps.request.MapRequest`), an engine is chosen, the engine runs, and the
+result is checked for exactness. Engines never import this module."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._tl import LOGITS, canonical, model_dtype
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
+from lin_lens.maps import budget
+from lin_lens.maps.forward import choose_engine, forward_maps
+from lin_lens.maps.matrix_free import TopSingular
+from lin_lens.maps.matrix_free import top_singular as _top_singular
+from lin_lens.maps.replay import ReplayUnsupported
+from lin_lens.maps.request import MapRequest, check_hook, hook_width, sequence_of_hooks
+from lin_lens.maps.result import LinearMap, default_tolerance
+from lin_lens.maps.reverse import reverse_map
+
+
+def linear_map(
+    model: Any,
+    inputs: str | Sequence[int] | Tensor,
+    hook: str = LOGITS,
+    pos: int | Sequence[int] | slice | None = -1,
+    *,
+    source: str = "hook_embed",
+    direction: Tensor | None = None,
+    out_index: Sequence[int] | Tensor | None = None,
+    head: int | None = None,
+    detach: bool = True,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+    check: bool = True,
+    tol: float | None = None,
+    prepend_bos: bool | None = None,
+    engine: str = "auto",
+    max_memory: int | float | str | None = None,
+) -> LinearMap:
+    """The exact linear map from ``source`` to the activation at ``hook`` for one input.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        inputs: text, or token ids ``[pos]`` / ``[1, pos]``.
+        hook: target hook name (any name in ``model.hook_dict``) or ``"logits"``.
+        pos: target position(s): an int (J loses its target axis), a list, a slice, or None (all).
+        source: hook whose activation is the linear input (default the token embeddings).
+        direction: an output covector ``u`` (``[d_out]`` or ``[n_tgt, d_out]``); returns the map of
+            ``uᵀ act`` (d_out = 1) in a single backward pass per position.
+        out_index: keep only these output coordinates (e.g. token ids for ``"logits"``).
+        head: for per-head hooks (``hook_z``, ``hook_result``, ``hook_v`` …), the head to keep.
+        detach: False gives the ordinary Jacobian (for comparison; it does not reconstruct).
+        chunk_size: output rows per batched backward pass (default: fitted to the memory budget).
+        progress: show a progress bar (default: only for long computations).
+        check: raise :class:`~lin_lens.errors.NotExactError` if the reconstruction error exceeds
+            ``tol``.
+        tol: relative-error bound for ``check`` (default by dtype: see ``default_tolerance``).
+        prepend_bos: passed to ``model.to_tokens`` for text input.
+        engine: ``"auto"`` (default), ``"reverse"`` (batched VJP rows) or ``"forward"`` (columns
+            for many hooks at once); ``"matrix_free"`` is :func:`top_singular`.
+        max_memory: byte budget (int or e.g. ``"4GB"``; default min(available RAM / 2, 8 GB)).
+            The call is refused with :class:`~lin_lens.errors.MemoryBudgetError` before any
+            allocation when the operator cannot fit.
+
+    Returns:
+        a :class:`LinearMap`; ``J`` is ``[n_src, d_out, d_in]`` for an int ``pos`` and
+        ``[n_tgt, n_src, d_out, d_in]`` otherwise.
+    """
+    req = MapRequest.build(model, inputs, hook, pos, source=source, direction=direction,
+                           out_index=out_index, head=head, detach=detach, chunk_size=chunk_size,
+                           progress=progress, check=check, tol=tol, prepend_bos=prepend_bos,
+                           engine=engine, max_memory=max_memory)
+    if req.engine == "forward" and not req.plain:
+        raise InvalidArgumentError(
+            "engine='forward' supports plain maps only (no direction=, out_index=, head=, "
+            "detach=False, 'logits', or hook == source); use engine='reverse'")
+    if req.engine == "forward" or (req.engine == "auto" and req.plain and choose_engine(
+            model, req.n, req.positions, [req.hook]) == "forward"):
+        return _operators(model, req, [req.hook])[req.hook]
+    _preflight_reverse(model, req)
+    return _checked(reverse_map(model, req), req)
+
+
+def operators_at_hooks(model: Any, tokens: Any, hooks: Sequence[str], pos: Any = -1, *,
+                       source: str = "hook_embed", engine: str = "auto",
+                       chunk_size: int | None = None, progress: bool | None = None,
+                       check: bool = True, tol: float | None = None,
+                       max_memory: Any = None) -> dict[str, LinearMap]:
+    """The exact detached linear map at every hook in ``hooks`` (e.g. the layer sweep: every
+    ``resid_post``, ``attn_out`` and ``mlp_out``) for one input.
+
+    Each value is a :class:`LinearMap` exactly as ``linear_map(model, tokens, hook, pos,
+    source=source)`` would return it (``J``, ``x``, ``act``, per-origin ``constants``; its
+    ``relative_error`` is checked against ``tol`` when ``check``). ``engine``: ``"forward"`` (one
+    set of columns gives every hook), ``"reverse"`` (VJP rows, hook by hook), or ``"auto"``.
+    ``meta["engine"]`` records which engine produced each map.
+    """
+    if engine not in ("auto", "reverse", "forward"):
+        raise InvalidArgumentError(
+            f"engine must be 'auto', 'reverse' or 'forward' here, got {engine!r}")
+    hooks = sequence_of_hooks(hooks)
+    req = MapRequest.build(model, tokens, hooks[0], pos, source=source, chunk_size=chunk_size,
+                           progress=progress, check=check, tol=tol, engine=engine,
+                           max_memory=max_memory)
+    for h in hooks:
+        check_hook(model, h, "target")
+        if h == source:
+            raise InvalidArgumentError(f"source and target hook are the same: {h!r}")
+    return _operators(model, req, hooks)
+
+
+def _operators(model: Any, req: MapRequest, hooks: list[str]) -> dict[str, LinearMap]:
+    chosen = req.engine
+    if chosen == "auto":
+        chosen = choose_engine(model, req.n, req.positions, hooks)
+    if chosen == "forward":
+        canon = {h: canonical(model, h) for h in hooks}
+        try:
+            res = forward_maps(model, req, list(dict.fromkeys(canon.values())))
+        except ReplayUnsupported:
+            if req.engine == "forward":
+                raise
+        else:
+            return {h: _checked(res[canon[h]], req) for h in hooks}
+    out = {}
+    for h in hooks:
+        sub = dataclasses.replace(req, hook=h, engine="reverse")
+        _preflight_reverse(model, sub)
+        out[h] = _checked(reverse_map(model, sub), sub)
+    return out
+
+
+def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: int = 16, *,
+                 source: str = "hook_embed", block: int | None = None, tol: float = 1e-4,
+                 vec_tol: float | None = None, guard: int | None = None,
+                 max_iter: int | None = None, seed: int = 0, progress: bool | None = None,
+                 max_memory: Any = None) -> TopSingular:
+    """Top-``k`` singular triplets ``U [d_out, k]``, ``S [k]``, ``V [n_src, d_in, k]`` of the
+    detached operator at ``hook``/``pos`` (all source tokens stacked), without forming ``J``;
+    see :func:`lin_lens.maps.matrix_free.top_singular` for the method and stopping rule."""
+    if isinstance(pos, bool) or not isinstance(pos, int):
+        raise ArgumentTypeError(f"top_singular takes one int position, got pos={pos!r}")
+    req = MapRequest.build(model, tokens, hook, pos, source=source, progress=progress,
+                           max_memory=max_memory)
+    return _top_singular(model, req, k, block=block, tol=tol, vec_tol=vec_tol, guard=guard,
+                         max_iter=max_iter, seed=seed)
+
+
+def _checked(lm: LinearMap, req: MapRequest) -> LinearMap:
+    """Refuse a detached map whose reconstruction error exceeds the tolerance."""
+    if req.check and lm.detached:
+        bound = req.tol if req.tol is not None else default_tolerance(lm.act4.dtype)
+        if not lm.relative_error <= bound:
+            raise NotExactError(lm, bound)
+    return lm
+
+
+def _preflight_reverse(model: Any, req: MapRequest) -> None:
+    """Refuse, before any allocation, a reverse-mode map that cannot fit the memory budget."""
+    n_t = len(req.positions)
+    dm = int(model.cfg.d_model)
+    d_in = dm
+    if req.direction is not None:
+        d_act = d_out = 1
+    elif req.hook == LOGITS:
+        oi = req.out_index
+        d_out = int(model.cfg.d_vocab) if oi is None else len(torch.as_tensor(oi).reshape(-1))
+        d_act = min(dm, d_out) if oi is not None else dm
+    else:
+        d_act = d_out = hook_width(model, req.hook)
+    est = budget.estimate_linear_map(model, req.n, n_t, d_act, d_out, d_in, model_dtype(model),
+                                     16)
+    budget.check(est["total"], f"linear_map at {req.hook!r} ({n_t} position(s) × {req.n} "
+                 f"tokens, J {n_t}×{req.n}×{d_out}×{d_in})", req.max_memory)

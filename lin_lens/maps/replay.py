@@ -1,0 +1,199 @@
+"""Forward-mode replay: the frozen network run on batches of source tangents.
+
+The detached network is linear in the source, every bias and the positional embedding, with the
+norm scales, attention patterns and MLP gates frozen at their values for this input. We record
+those frozen factors in one primal pass, then *replay* the model on a batch of basis tangents with
+the frozen factors substituted through the same TransformerLens hooks, every bias zeroed
+(``torch.func.functional_call``, the model is not modified) and the positional embedding zeroed.
+That replay is the JVP of the detached network (a plain batched forward, no autograd), and one
+replay gives the columns of the operator at *every* requested hook at once. The constant term of
+each origin is its own replay with the source at zero and only that origin at its value: exact and
+computed independently of ``act − Σ J x``. (Why a replay and not ``torch.func.jvp``: BENCHMARKS.md.)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._tl import LOGITS, HookSet, biases, canonical, is_bridge
+from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
+from lin_lens.freeze import freezing_rules
+from lin_lens.freeze.gates import gate_fn
+from lin_lens.maps.graph import _Stop
+
+
+class ReplayUnsupported(UnsupportedFeatureError):
+    """Forward-mode replay cannot reproduce this model's frozen network (the forward engine then
+    takes its columns from the graph instead)."""
+
+
+def layer_of(model: Any, hook: str) -> int:
+    """The block index of ``blocks.L.…`` hooks; the last layer for everything after them."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) if m else int(model.cfg.n_layers) - 1
+
+
+class Replay:
+    """Frozen factors of one input, and the linear (detached, bias-free) network replayed on
+    batches of source tangents.
+
+    Use :meth:`recorder` inside a detached forward pass to fill the factors, then :meth:`run`.
+    """
+
+    def __init__(self, model: Any, tokens: Tensor, source: str, targets: Sequence[str],
+                 positions: Sequence[int]):
+        if is_bridge(model):
+            raise ReplayUnsupported("forward-mode replay follows HookedTransformer only")
+        self.model, self.tokens, self.source = model, tokens, source
+        self.targets, self.positions = list(targets), list(positions)
+        self.freeze: list[str] = []  # hooks whose value is replaced by the recorded one
+        self.pre_post: list[tuple[str, str]] = []  # plain MLPs: (pre hook, post hook)
+        act = getattr(model.cfg, "act_fn", None)
+        for r in freezing_rules(model):
+            leaf = r.hook.rsplit(".", 1)[-1]
+            if r.detaches and leaf in ("hook_scale", "hook_pattern", "hook_pre"):
+                self.freeze.append(r.hook)
+            elif leaf == "hook_pre" and r.kind == "cut":
+                self.pre_post.append((r.hook, r.hook[: -len("hook_pre")] + "hook_post"))
+            elif leaf == "hook_post" and r.kind == "relinearize":
+                continue
+            elif leaf == "hook_v" and r.kind == "cut":
+                continue  # clip_qkv check, values unaffected
+            else:
+                raise ReplayUnsupported(f"no replay rule for freezing hook {r.hook!r}")
+        if any(post not in model.hook_dict for _, post in self.pre_post):
+            raise ReplayUnsupported("plain MLP without hook_post")
+        self._gate = gate_fn(act) if self.pre_post else None
+        self.values: dict[str, Tensor] = {}
+        self.gates: dict[str, Tensor] = {}
+        self.pos_origin = ("hook_pos_embed" in model.hook_dict
+                           and canonical(model, "hook_pos_embed") != canonical(model, source))
+        last = max(layer_of(model, h) for h in self.targets)
+        blocks_only = all(h.startswith("blocks.") for h in self.targets)
+        self.stop_at = last + 1 if blocks_only else None
+        self.biases = biases(model, nonzero=False)
+        self._zeros = {n: torch.zeros_like(p) for n, p in self.biases.items()}
+
+    # primal pass ------------------------------------------------------------------------------
+    def recorder(self, hs: HookSet) -> None:
+        """Add hooks (after detached mode's) that record the frozen factors."""
+        def rec(t: Tensor, hook: Any) -> None:
+            self.values[hook.name] = t.detach()
+
+        def rec_pre(t: Tensor, hook: Any) -> None:
+            self.gates[hook.name] = self._gate(t.detach())
+
+        for h in self.freeze:
+            hs.add(h, rec)
+        for pre, _ in self.pre_post:
+            hs.add(pre, rec_pre, prepend=True)
+
+    # replay -----------------------------------------------------------------------------------
+    def _sliced(self, name: str, v: Tensor, start: int) -> Tensor | None:
+        """The frozen value for a replay of positions ``start:`` (None: leave the hook alone)."""
+        if start == 0:
+            return v
+        n = self.tokens.shape[1]
+        if name.endswith("hook_pattern"):
+            return v[..., start:, start:]
+        if v.ndim >= 2 and v.shape[0] == 1 and v.shape[1] == n:
+            return v[:, start:]
+        if ".attn.q_" in name or ".attn.k_" in name:  # q/k norms only feed the frozen pattern
+            return None
+        raise ReplayUnsupported(f"cannot slice the frozen value at {name!r}")
+
+    def run(self, tangent: Tensor | None, origin: str | None = None,
+            readout_input: bool = False, start: int = 0) -> dict[str, Tensor]:
+        """Outputs ``{target: [B, n_pos, d]}`` of the linear network for source ``tangent``
+        ``[B, n, *src]`` (None: zero source, batch 1), with only ``origin`` (a bias name or
+        ``"hook_pos_embed"``) at its value. ``readout_input``: also read the unembedding input
+        (key ``"logits"``). ``start``: replay positions ``start:`` only — exact when the tangent
+        is zero before ``start`` (causal attention; the pattern is frozen, so position-dependent
+        rotary and masks only touch the discarded Q/K); outputs then cover only the target
+        positions ≥ ``start``."""
+        model = self.model
+        B = 1 if tangent is None else tangent.shape[0]
+        tokens = self.tokens[:, start:].expand(B, -1)
+        out: dict[str, Tensor] = {}
+        want = set(self.targets) | ({LOGITS} if readout_input else set())
+        pos = torch.tensor([t - start for t in self.positions if t >= start],
+                           device=tokens.device, dtype=torch.long)
+        params = dict(self._zeros)
+        if origin is not None and origin in self.biases:
+            params[origin] = self.biases[origin].detach()
+        seen: dict[str, Tensor] = {}
+
+        def done() -> None:
+            if want <= out.keys():
+                raise _Stop
+
+        def grab(t: Tensor, hook: Any) -> None:
+            out[hook.name] = t[:, pos].reshape(B, len(pos), -1)
+            done()
+
+        def src(t: Tensor, hook: Any) -> Tensor:
+            return torch.zeros_like(t) if tangent is None else tangent.reshape(t.shape)
+
+        def pos_embed(t: Tensor, hook: Any) -> Tensor:
+            return t if origin == "hook_pos_embed" else torch.zeros_like(t)
+
+        def frozen(t: Tensor, hook: Any) -> Tensor:
+            v = self._sliced(hook.name, self.values[hook.name], start)
+            if v is None:
+                return t
+            if v.shape[0] != t.shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
+                v = v.repeat(t.shape[0] // v.shape[0], *([1] * (v.ndim - 1)))
+            return v.expand(t.shape)
+
+        def keep_pre(t: Tensor, hook: Any) -> None:
+            seen[hook.name] = t
+
+        def post_for(pre: str):
+            def post(t: Tensor, hook: Any) -> Tensor:
+                return self._sliced(pre, self.gates[pre], start) * seen.pop(pre)
+            return post
+
+        def unembed_in(module, args) -> None:
+            out[LOGITS] = args[0][:, pos].reshape(B, len(pos), -1)
+            done()
+
+        hs = HookSet(model)
+        first = [h for h in self.targets if h in self.freeze]
+        with hs, torch.no_grad():
+            hs.add(self.source, src)
+            if self.pos_origin:
+                hs.add("hook_pos_embed", pos_embed)
+            for h in first:
+                hs.add(h, grab)
+            for h in self.freeze:
+                hs.add(h, frozen)
+            for pre, post in self.pre_post:
+                hs.add(pre, keep_pre)
+                hs.add(post, post_for(pre))
+            for h in self.targets:
+                if h not in first:
+                    hs.add(h, grab)
+            if readout_input:
+                hs.add_module_hook(model.unembed, unembed_in, pre=True)
+            kw: dict[str, Any] = {"return_type": "logits"}  # _Stop skips the W_U matmul
+            if self.stop_at is not None and not readout_input:
+                kw["stop_at_layer"] = self.stop_at
+            try:
+                torch.func.functional_call(model, params, (tokens,), kw, strict=False)
+            except _Stop:
+                pass
+        missing = want - out.keys()
+        if missing:
+            raise InvalidArgumentError(f"hooks did not fire in the replay: {sorted(missing)}")
+        return out
+
+    def origins(self) -> list[str]:
+        names = [n for n, p in self.biases.items() if bool(p.detach().ne(0).any())]
+        return names + (["hook_pos_embed"] if self.pos_origin else [])
+
+

@@ -1,0 +1,220 @@
+"""The result of :func:`lin_lens.linear_map`: an exact per-token linear operator that carries its
+own measured error, its analyses as methods, and knows how to persist."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lin_lens import decode as _decode
+from lin_lens import spectrum
+from lin_lens._html import table
+from lin_lens._numeric import relative_error
+from lin_lens.errors import InvalidArgumentError
+
+FORMAT_VERSION = 1
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative reconstruction error above which a detached map is refused as not exact.
+
+    Far above rounding (float64 maps come out near 1e-15) and far below what an unfrozen
+    nonlinearity leaves (typically 1e-3 and more).
+    """
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-4
+    return 2e-2
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lin_lens")
+    except metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+class LinearMap:
+    """``act[t] = Σ_i J[t, i] · x[i] + constant[t]``, exact for one input.
+
+    Layout: ``J`` is ``[n_tgt, n_src, d_out, d_in]`` (``[n_src, d_out, d_in]`` when the map was
+    asked for one int position), so ``J[..., i, :, :]`` is the operator applied to source token
+    ``i``. ``x`` is the source activation ``[n_src, d_in]`` (the token embeddings by default);
+    ``act`` is the true target activation ``[n_tgt, d_out]``; ``constants`` holds the exact
+    contribution of each bias / positional embedding (origin name → ``[n_tgt, d_out]``).
+    """
+
+    def __init__(self, J, x, act, constants, hook, source, positions, out_shape,
+                 out_index=None, direction=None, tokens=None, detached=True, int_pos=False):
+        self.J4, self.x, self.act4, self.constants = J, x, act, constants
+        self.hook, self.source, self.positions = hook, source, list(positions)
+        self.out_shape, self.out_index, self.direction = tuple(out_shape), out_index, direction
+        self.tokens, self.detached, self.int_pos = tokens, detached, int_pos
+        self.meta: dict[str, Any] = {}
+
+    # -- the contract ------------------------------------------------------------------------
+    def _sq(self, t: Tensor) -> Tensor:
+        return t[0] if self.int_pos else t
+
+    @property
+    def J(self) -> Tensor:
+        """``[n_src, d_out, d_in]`` for an int position, else ``[n_tgt, n_src, d_out, d_in]``."""
+        return self._sq(self.J4)
+
+    @property
+    def act(self) -> Tensor:
+        """The model's own activation at the target: ``[d_out]`` or ``[n_tgt, d_out]``."""
+        return self._sq(self.act4)
+
+    @property
+    def constant(self) -> Tensor:
+        """Sum of :attr:`constant_by_origin` (exactly zero for bias-free models)."""
+        total = torch.zeros_like(self.act4)
+        for v in self.constants.values():
+            total = total + v
+        return self._sq(total)
+
+    @property
+    def constant_by_origin(self) -> dict[str, Tensor]:
+        return {k: self._sq(v) for k, v in self.constants.items()}
+
+    def contributions(self) -> Float[Tensor, "... src d_out"]:
+        """``J_i x_i`` per source token: ``[n_src, d_out]`` or ``[n_tgt, n_src, d_out]``."""
+        return self._sq(torch.einsum("tsoi,si->tso", self.J4, self.x))
+
+    def reconstruct(self) -> Tensor:
+        """``Σ_i J_i x_i + constant``, same shape as :attr:`act`."""
+        linear = torch.einsum("tsoi,si->to", self.J4, self.x)
+        return self._sq(linear) + self.constant
+
+    @property
+    def relative_error(self) -> float:
+        """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access."""
+        return relative_error(self.act, self.reconstruct())
+
+    # -- analyses (the functions of lin_lens.spectrum / lin_lens.decode) ---------------------
+    def svd(self, k: int | None = None, *, stacked: bool = False) -> spectrum.SVD:
+        """:func:`lin_lens.svd` of this map (per source token, or ``stacked``)."""
+        return spectrum.svd(self, k, stacked=stacked)
+
+    def stable_rank(self, *, stacked: bool = False) -> Tensor:
+        """:func:`lin_lens.stable_rank`: ``Σ s² / s_max²`` per source token (or stacked)."""
+        return spectrum.stable_rank(self, stacked=stacked)
+
+    def decode(self, model: Any, k: int = 3, top: int = 5, **kw: Any) -> _decode.Decoding:
+        """:func:`lin_lens.decode`: singular vectors, rows and columns decoded to tokens."""
+        return _decode.decode(model, self, k, top, **kw)
+
+    # -- conveniences ----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.J.shape)
+
+    @property
+    def n_src(self) -> int:
+        return self.J4.shape[1]
+
+    def at(self, t: int) -> LinearMap:
+        """The map for one target position (index into :attr:`positions`, negatives allowed)."""
+        k = t % len(self.positions)
+        sub = LinearMap(self.J4[k:k + 1], self.x, self.act4[k:k + 1],
+                        {o: v[k:k + 1] for o, v in self.constants.items()}, self.hook, self.source,
+                        [self.positions[k]], self.out_shape, self.out_index,
+                        None if self.direction is None else self.direction[k:k + 1],
+                        self.tokens, self.detached, True)
+        sub.meta = dict(self.meta)
+        return sub
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "hook": self.hook,
+            "source": self.source,
+            "mode": "detached" if self.detached else "ordinary",
+            "positions": self.positions,
+            "J shape": list(self.J.shape),
+            "dtype": str(self.J4.dtype).replace("torch.", ""),
+            "relative error": self.relative_error,
+            "constant origins": len(self.constants),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): the summary, tokens, per-token contribution norms and
+        stable ranks, the constant by origin (norms). Tensors stay with :meth:`save`."""
+        c = self.contributions()
+        return {
+            **self.summary(),
+            "tokens": None if self.tokens is None else [int(t) for t in self.tokens],
+            "out_shape": list(self.out_shape),
+            "contribution_norm": torch.linalg.vector_norm(c, dim=-1).tolist(),
+            "stable_rank": self.stable_rank().tolist(),
+            "constant_norm_by_origin": {k: float(torch.linalg.vector_norm(v))
+                                        for k, v in self.constants.items()},
+            "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float))},
+        }
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the map (tensors and the metadata needed to reuse it: hook, source, positions,
+        tokens, dtype, lin_lens version) with ``torch.save``; read back with :meth:`load`."""
+        path = Path(path)
+        state = {
+            "format": "lin_lens.LinearMap", "format_version": FORMAT_VERSION,
+            "lin_lens_version": _version(), "dtype": str(self.J4.dtype),
+            "J": self.J4.detach().cpu(), "x": self.x.detach().cpu(),
+            "act": self.act4.detach().cpu(),
+            "constants": {k: v.detach().cpu() for k, v in self.constants.items()},
+            "hook": self.hook, "source": self.source, "positions": self.positions,
+            "out_shape": list(self.out_shape),
+            "out_index": None if self.out_index is None else self.out_index.detach().cpu(),
+            "direction": None if self.direction is None else self.direction.detach().cpu(),
+            "tokens": None if self.tokens is None else self.tokens.detach().cpu(),
+            "detached": self.detached, "int_pos": self.int_pos,
+            "meta": {k: v for k, v in self.meta.items()
+                     if isinstance(v, (str, int, float, bool, list, tuple, dict))},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = "cpu") -> LinearMap:
+        """A map written by :meth:`save` (files of a later format version are refused)."""
+        s = torch.load(Path(path), map_location=map_location, weights_only=True)
+        if not isinstance(s, dict) or s.get("format") != "lin_lens.LinearMap":
+            raise InvalidArgumentError(f"{str(path)!r} is not a file written by LinearMap.save")
+        if int(s.get("format_version", 0)) > FORMAT_VERSION:
+            raise InvalidArgumentError(
+                f"{str(path)!r} has format version {s['format_version']}; this lin_lens reads "
+                f"up to {FORMAT_VERSION}: upgrade lin_lens")
+        lm = cls(s["J"], s["x"], s["act"], s["constants"], s["hook"], s["source"],
+                 s["positions"], s["out_shape"], s.get("out_index"), s.get("direction"),
+                 s.get("tokens"), s.get("detached", True), s.get("int_pos", False))
+        lm.meta = dict(s.get("meta", {}), lin_lens_version=s.get("lin_lens_version"))
+        return lm
+
+    def to(self, device: Any) -> LinearMap:
+        """The same map with every tensor on ``device``."""
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        out = LinearMap(mv(self.J4), mv(self.x), mv(self.act4),
+                        {k: mv(v) for k, v in self.constants.items()}, self.hook, self.source,
+                        self.positions, self.out_shape, mv(self.out_index), mv(self.direction),
+                        self.tokens, self.detached, self.int_pos)
+        out.meta = dict(self.meta)
+        return out
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"LinearMap({s['hook']!r} ← {s['source']!r}, {s['mode']}, J {s['J shape']}, "
+                f"{s['dtype']}, relative error {s['relative error']:.2e})")
+
+    def _repr_html_(self) -> str:
+        rows = [(k, f"{v:.3e}" if isinstance(v, float) else v) for k, v in self.summary().items()]
+        return table(rows, caption="LinearMap")

@@ -1,0 +1,177 @@
+"""Reverse mode: one detached forward pass, then the rows of the operator as chunked batched VJPs.
+
+Under detached mode the network is jointly linear in the source activation, every bias and the
+positional embeddings, so for one input, by Euler's theorem for homogeneous functions,
+
+    act[t] = Σ_i J[t, i] · x_i + Σ_origins ∂act[t]/∂b · b
+
+Every term comes from the same backward passes: the rows of J are the gradients with respect to
+the source, and each origin's constant is its gradient dotted with its value. The constant is
+therefore computed independently of ``act − Σ J x``, and the reconstruction error is a real check.
+Cost ∝ rows = n_tgt · d_out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._tl import LOGITS
+from lin_lens.errors import InvalidArgumentError, InvalidPositionError
+from lin_lens.maps import budget
+from lin_lens.maps.graph import Forward, batched_grad, detached_forward
+from lin_lens.maps.readout import Readout
+from lin_lens.maps.request import MapRequest
+from lin_lens.maps.result import LinearMap
+from lin_lens.progress import progress_bar
+
+
+def reverse_map(model: Any, req: MapRequest) -> LinearMap:
+    """The map ``req`` asks for, by VJP rows (``req.detach=False``: the ordinary Jacobian)."""
+    with contextlib.ExitStack() as stack:
+        fwd = detached_forward(stack, model, req.tokens, req.source, [req.hook],
+                               detach=req.detach, constants=True, full=req.hook == LOGITS)
+        stack.enter_context(torch.enable_grad())
+        lm = _solve(model, req, fwd)
+    lm.tokens = req.tokens[0].detach().cpu()
+    lm.detached = req.detach
+    lm.int_pos = req.int_pos
+    lm.meta["engine"] = "reverse"
+    return lm
+
+
+def _rows(req: MapRequest, out_shape: tuple[int, ...], d_space: int
+          ) -> tuple[Tensor | None, tuple[int, ...]]:
+    """The output rows kept (``out_index`` or one head's block) and the output shape."""
+    if req.head is not None:
+        if len(out_shape) < 2:
+            raise InvalidArgumentError(
+                f"head={req.head} needs a per-head hook; {req.hook!r} has shape {list(out_shape)}")
+        if not -out_shape[0] <= req.head < out_shape[0]:
+            raise InvalidPositionError(f"head {req.head} out of range ({out_shape[0]} heads)")
+        h = req.head % out_shape[0]
+        per = int(torch.tensor(out_shape[1:]).prod())
+        return torch.arange(h * per, (h + 1) * per), out_shape[1:]
+    if req.out_index is None:
+        return None, out_shape
+    idx = torch.as_tensor(req.out_index, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0 or int(idx.max()) >= d_space or int(idx.min()) < -d_space:
+        raise InvalidPositionError(f"out_index out of range for an output of size {d_space}")
+    return idx % d_space, (int(idx.numel()),)
+
+
+def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
+    act = fwd.acts[req.canonical_hook(model)]  # [1, n, *rest]
+    tgt = req.positions
+    n_t = len(tgt)
+    flat = act.reshape(act.shape[0], act.shape[1], -1)[0]  # [n, d_act]
+    d_act = flat.shape[-1]
+    readout = None
+    if req.hook == LOGITS:
+        readout = Readout.at(model, flat[tgt])
+        value = fwd.logits[0, tgt].detach()  # the model's own logits: [n_t, V]
+        out_shape: tuple[int, ...] = (value.shape[-1],)
+    else:
+        value = flat[tgt].detach()  # [n_t, d_act]
+        out_shape = tuple(act.shape[2:])
+    d_space = value.shape[-1]
+    idx, out_shape = _rows(req, out_shape, d_space)
+    if idx is not None:
+        idx = idx.to(value.device)
+
+    common = dict(x=fwd.x.detach()[0].reshape(fwd.x.shape[1], -1), hook=req.hook,
+                  source=req.source, positions=tgt)
+    if req.direction is not None:
+        u = torch.as_tensor(req.direction, dtype=value.dtype, device=value.device)
+        if u.ndim == 1:
+            u = u.expand(n_t, -1)
+        if u.shape != (n_t, d_space):
+            raise InvalidArgumentError(
+                f"direction must be [{d_space}] or [{n_t}, {d_space}], got {list(u.shape)}")
+        cov = u if readout is None else readout.pull_back(u)  # [n_t, d_act]
+        J, consts = vjp_rows(model, req, fwd, act, cov[:, None, :])
+        consts = _with_bias(consts, readout, u[:, None, :])
+        return LinearMap(J=J, act=(u * value).sum(-1, keepdim=True), constants=consts,
+                         out_shape=(1,), direction=u, **common)
+
+    if readout is not None and idx is not None and idx.numel() < d_act:
+        # few logit rows: pull each back through the readout
+        R = len(idx)
+        sel = torch.zeros(R, d_space, dtype=value.dtype, device=value.device)  # [R, V]
+        sel[torch.arange(R), idx] = 1
+        cov = readout.pull_back(sel.expand(n_t, -1, -1).reshape(-1, d_space), repeat=R)
+        J, consts = vjp_rows(model, req, fwd, act, cov.reshape(n_t, R, d_act))
+        consts = _with_bias(consts, readout, sel.expand(n_t, -1, -1))
+        value = value[:, idx]
+    else:
+        rows = idx if readout is None else None
+        sel = torch.arange(d_act, device=act.device) if rows is None else rows
+        eye = torch.zeros(len(sel), d_act, dtype=act.dtype, device=act.device)
+        eye[torch.arange(len(sel)), sel] = 1
+        J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1))
+        if readout is not None:
+            J, consts = readout.select(idx).apply(J, consts)
+        if idx is not None:
+            value = value[:, idx]
+    return LinearMap(J=J, act=value, constants=consts, out_shape=out_shape,
+                     out_index=None if req.head is not None else idx, **common)
+
+
+def _with_bias(consts: dict[str, Tensor], readout: Readout | None, sel: Tensor
+               ) -> dict[str, Tensor]:
+    """Add the unembedding bias, a constant origin outside the captured activation."""
+    off = None if readout is None else readout.bias_offset(sel)
+    return consts if off is None else {**consts, "unembed.b_U": off}
+
+
+def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Batched VJPs for covectors ``cov [n_t, R, d_act]`` at the target positions: J
+    ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``."""
+    x = fwd.x
+    tgt = req.positions
+    n_t, R, d_act = cov.shape
+    total = n_t * R
+    rows_t = torch.arange(n_t).repeat_interleave(R)
+    rows_r = torch.arange(R).repeat(n_t)
+    n_src, d_in = x.shape[1], x[0, 0].numel()
+    j_bytes = n_t * n_src * R * d_in * x.element_size()
+    budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory)
+    chunk = req.chunk_size or _default_chunk(model, act, x, total, j_bytes, req.max_memory)
+    leaves = fwd.constant_leaves()
+    inputs = [x, *leaves.values()]
+    names = list(leaves)
+    J = torch.empty(n_t, n_src, R, d_in, dtype=x.dtype, device=x.device)
+    consts = {k: torch.zeros(n_t, R, dtype=x.dtype, device=x.device) for k in names}
+    flat_act = act.reshape(1, act.shape[1], -1)
+    tgt_t = torch.tensor(tgt, device=act.device)
+    bar = progress_bar(total, "linear map rows", req.progress, unit="row")
+    try:
+        for start in range(0, total, chunk):
+            t_idx = rows_t[start:start + chunk]
+            r_idx = rows_r[start:start + chunk]
+            k = len(t_idx)
+            go = torch.zeros(k, 1, act.shape[1], d_act, dtype=act.dtype, device=act.device)
+            go[torch.arange(k), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
+            grads = batched_grad(flat_act, inputs, go, allow_unused=True)
+            gx = grads[0]
+            J[t_idx, :, r_idx] = 0 if gx is None else gx.reshape(k, n_src, -1)
+            for name, val, g in zip(names, inputs[1:], grads[1:], strict=True):
+                if g is not None:
+                    consts[name][t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
+            bar.update(k)
+    finally:
+        bar.close()
+    return J, {k: v for k, v in consts.items() if bool(v.ne(0).any())}
+
+
+def _default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int,
+                   max_memory: int | None) -> int:
+    """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
+    n = act.shape[1]
+    free = budget.budget(max_memory) - reserved - budget.graph_bytes(model, n, x.dtype)
+    pref = budget.preferred_chunk(n)
+    return budget.choose_chunk(model, n, x.dtype, max(free, 0), pref, total or pref)
