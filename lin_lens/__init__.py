@@ -26,7 +26,7 @@ from lin_lens.errors import (
     UnknownHookError,
     UnsupportedFeatureError,
 )
-from lin_lens.freeze import detached, is_detached
+from lin_lens.freeze import detached, is_detached, reset
 from lin_lens.maps import (
     LinearMap,
     TopSingular,
@@ -60,6 +60,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "operators_at_hooks",
+    "reset",
     "stable_rank",
     "steer",
     "steering_hooks",

@@ -120,39 +120,117 @@ def parent_module(model: Any, hook_name: str) -> torch.nn.Module:
 
 # -- hook records -------------------------------------------------------------------------------
 
+class _Tagged:
+    """A hook function marked as lin_lens's: TransformerLens names its wrapper after
+    ``repr(fn)`` and torch keeps the object, so :func:`strip` can find every hook we added even
+    when an interrupt landed between registering one and recording its handle."""
+
+    __lin_lens__ = True
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.fn(*args, **kw)
+
+    def __repr__(self) -> str:  # unique per hook: HookSet finds its own by this name
+        return f"<lin_lens hook {getattr(self.fn, '__qualname__', 'fn')} {id(self):#x}>"
+
+
+def _ours(fn: Any) -> bool:
+    return bool(getattr(fn, "__lin_lens__", False)) or str(
+        getattr(fn, "__name__", "")).startswith("<lin_lens hook")
+
+
+def strip(model: Any) -> int:
+    """Remove every hook lin_lens added to ``model`` (HookPoints and plain torch hooks); the
+    user's hooks stay. Returns how many were removed."""
+    removed = 0
+    for module in model.modules():
+        for store in (module._forward_hooks, module._forward_pre_hooks):
+            for hid in [k for k, fn in store.items() if _ours(fn)]:
+                del store[hid]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(hid, None)
+                removed += 1
+        lens = getattr(module, "fwd_hooks", None)
+        if isinstance(lens, list):  # a HookPoint's own records of its hooks
+            lens[:] = [h for h in lens if getattr(getattr(h, "hook", None), "id", None)
+                       in module._forward_hooks]
+    return removed
+
+
+def finish(*steps: Callable[[], Any]) -> None:
+    """Run clean-up steps to the end even if a KeyboardInterrupt lands inside one (each step is
+    retried once), then re-raise the interrupt: a model is never left half restored."""
+    pending: BaseException | None = None
+    for step in steps:
+        for _ in range(2):
+            try:
+                step()
+                break
+            except KeyboardInterrupt as e:
+                pending = e
+    if pending is not None:
+        raise pending
+
+
 class HookSet:
-    """Forward hooks that lin_lens adds, removed one by one on :meth:`remove`."""
+    """Forward hooks that lin_lens adds, removed exactly on :meth:`remove` (the user's hooks and
+    their order survive). Each hook is recorded *before* it is registered, so an interrupt at any
+    point leaves nothing that :meth:`remove` cannot find."""
 
     def __init__(self, model: Any):
         self.model = model
-        self._handles: list[tuple[Any, Any]] = []
-        self._torch_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._tags: list[tuple[torch.nn.Module, _Tagged]] = []
 
     def add(self, name: str, fn: Callable, prepend: bool = False) -> None:
         hp = resolve_hook(self.model, name)
-        hp.add_hook(fn, dir="fwd", prepend=prepend)
-        handle = hp.fwd_hooks[0] if prepend else hp.fwd_hooks[-1]
-        self._handles.append((hp, handle))
+        tag = _Tagged(fn)
+        self._tags.append((hp, tag))
+        hp.add_hook(tag, dir="fwd", prepend=prepend)
 
     def add_module_hook(self, module: torch.nn.Module, fn: Callable, pre: bool = False) -> None:
         """A plain torch hook, for the few places without a HookPoint (unembed, final soft cap)."""
-        h = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
-        self._torch_handles.append(h)
+        tag = _Tagged(fn)
+        self._tags.append((module, tag))
+        if pre:
+            module.register_forward_pre_hook(tag)
+        else:
+            module.register_forward_hook(tag)
 
     def remove(self) -> None:
-        while self._handles:
-            hp, handle = self._handles.pop()
-            handle.hook.remove()
-            if handle in hp.fwd_hooks:
-                hp.fwd_hooks.remove(handle)
-        while self._torch_handles:
-            self._torch_handles.pop().remove()
+        def drop() -> None:
+            while self._tags:
+                module, tag = self._tags[-1]
+                _drop(module, tag)
+                self._tags.pop()
+
+        finish(drop)
 
     def __enter__(self) -> HookSet:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _drop(module: torch.nn.Module, tag: _Tagged) -> None:
+    """Remove ``tag``'s registration from ``module`` (TransformerLens wraps it in a function
+    named ``repr(tag)``), and the HookPoint's record of it."""
+    name = repr(tag)
+    for store in (module._forward_hooks, module._forward_pre_hooks):
+        for hid in [k for k, fn in store.items()
+                    if fn is tag or getattr(fn, "__name__", None) == name]:
+            del store[hid]
+            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                          "_forward_pre_hooks_with_kwargs"):
+                getattr(module, extra, {}).pop(hid, None)
+    lens = getattr(module, "fwd_hooks", None)
+    if isinstance(lens, list):
+        lens[:] = [h for h in lens
+                   if getattr(getattr(h, "hook", None), "id", None) in module._forward_hooks]
 
 
 # -- config flags -------------------------------------------------------------------------------
@@ -184,8 +262,13 @@ def flags_for(model: Any, hooks: Sequence[str]) -> Iterator[None]:
                 restore.append((setter, before))
         yield
     finally:
-        for setter, before in reversed(restore):
-            getattr(model, setter)(before)
+        def undo() -> None:
+            while restore:
+                setter, before = restore[-1]
+                getattr(model, setter)(before)
+                restore.pop()
+
+        finish(undo)
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -222,5 +305,8 @@ def requires_grad(params: dict[str, Tensor] | Sequence[Tensor], value: bool) -> 
             p.requires_grad_(value)
         yield
     finally:
-        for p, rg in zip(ps, before, strict=True):
-            p.requires_grad_(rg)
+        def undo() -> None:
+            for p, rg in zip(ps, before, strict=True):
+                p.requires_grad_(rg)
+
+        finish(undo)

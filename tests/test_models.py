@@ -19,12 +19,12 @@ from tests._real import (
     PROMPT,
     PROMPTS,
     SMOLLM2,
-    backend_params,
     hf_pair,
     model,
     needs,
     release,
 )
+from tests.conftest import BACKENDS
 
 F32, F64 = torch.float32, torch.float64
 
@@ -83,7 +83,6 @@ def test_missing_package_names_pip_extra(monkeypatch):
 
 
 def test_hooked_unavailable_is_explained(monkeypatch):
-
     monkeypatch.setattr(models, "HAS_HOOKED", False)
     assert models.default_backend() == "bridge"
     with pytest.raises(ValueError, match="HookedTransformer.*backend='bridge'"):
@@ -161,7 +160,7 @@ def _bridge_forward(name, dtype):
 
 @needs(SMOLLM2)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_smollm2_loads_with_tokenizer(backend):
     m = model(SMOLLM2, F64, backend, False)
     assert m.cfg.n_layers == 30 and m.cfg.d_model == 576 and m.cfg.d_vocab == 49152
@@ -179,7 +178,7 @@ def test_smollm2_bridge_detached_forward_float64():
 
 @needs(SMOLLM2)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fold_ln", [False, True])
 def test_smollm2_exact_float64(backend, fold_ln):
     _exactness(SMOLLM2, backend, F64, fold_ln)
@@ -187,7 +186,7 @@ def test_smollm2_exact_float64(backend, fold_ln):
 
 @needs(SMOLLM2)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_smollm2_agrees_with_hf_and_exact_float32(backend):
     _agreement(SMOLLM2, backend, False)
     _exactness(SMOLLM2, backend, F32, False)
@@ -201,7 +200,7 @@ def test_smollm2_bridge_detached_forward_float32():
 
 @needs(SMOLLM2)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_smollm2_folded_agrees_with_hf(backend):
     _agreement(SMOLLM2, backend, True)
 
@@ -210,7 +209,7 @@ def test_smollm2_folded_agrees_with_hf(backend):
 
 @needs(GEMMA3)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gemma3_agrees_with_hf_and_exact_float32(backend):
     _agreement(GEMMA3, backend, False)
     _exactness(GEMMA3, backend, F32, False)
@@ -218,7 +217,7 @@ def test_gemma3_agrees_with_hf_and_exact_float32(backend):
 
 @needs(GEMMA3)
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gemma3_exact_float64(backend):
     # Building the float64 HookedTransformer peaks near 9 GB (HF weights, converted state dict,
     # untied 262k x 640 W_E and W_U); it was OOM-killed on a shared 24 GB machine.

@@ -12,19 +12,15 @@ import lin_lens
 from lin_lens.analyses import decompose
 from lin_lens.analyses.steering import steer, steering_operator
 from lin_lens.decode import decode
+from tests import _real
+from tests._real import PROMPT, SMOLLM2, needs
 
-pytestmark = pytest.mark.slow
-
-PROMPT = "The bridge out of Marin is the"
+pytestmark = [pytest.mark.slow, needs(SMOLLM2)]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    models = pytest.importorskip("lin_lens.models")
-    try:
-        return models.load_model("smollm2-135m", dtype=torch.float32)
-    except models.ModelNotAvailableError as e:
-        pytest.skip(str(e))
+def smollm2(backend):
+    return _real.smollm2(torch.float32, backend)
 
 
 def test_bridge_out_of_marin(smollm2):

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -17,22 +18,19 @@ import torch
 from lin_lens import display, linear_map, report
 from lin_lens._numeric import relative_error
 from lin_lens.display import plots
+from lin_lens.errors import UnknownHookError
 from lin_lens.maps import ordinary_reconstruction
-from lin_lens.testing import tiny_model
+from tests.conftest import tiny
 
 TEXT = "w1 w2 w3 w4 w5"
-
-
-def _with_tokenizer(m):
-    from lin_lens.testing import tiny_tokenizer
-
-    m.set_tokenizer(tiny_tokenizer(m.cfg.d_vocab), default_padding_side="right")
-    return m
+# Ordinary (undetached) reconstructions compare with the Bridge's plain forward, where HF's
+# RMSNorm computes in float32 (README, "TransformerBridge forward values").
+ORDINARY_TOL = {"hooked": 1e-10, "bridge": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return _with_tokenizer(tiny_model("gpt2", d_vocab=50))
+def model(backend):
+    return tiny("gpt2", backend, tokenizer=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +46,9 @@ def html_path(result, tmp_path_factory):
 
 # -- analysis -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma", "bridge-gpt2", "bridge-llama"])
-def test_ordinary_reconstruction_matches_full_ordinary_jacobian(arch):
-    if arch.startswith("bridge"):
-        from lin_lens.testing import tiny_bridge
-
-        m, tol = tiny_bridge(arch.split("-")[1]), 1e-5  # HF's RMSNorm computes in float32
-    else:
-        m, tol = tiny_model(arch), 1e-10
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+def test_ordinary_reconstruction_matches_full_ordinary_jacobian(arch, backend):
+    m, tol = tiny(arch, backend), ORDINARY_TOL[backend]
     tok = torch.tensor([[1, 5, 7, 9, 3]])
     h = "ln_final.hook_normalized"
     full = linear_map(m, tok, h, -1, detach=False, check=False).reconstruct()
@@ -84,8 +77,6 @@ def test_summary(result, model):
 
 
 def test_bad_position_and_hook(model):
-    from lin_lens.errors import UnknownHookError
-
     with pytest.raises(IndexError):
         report.analyze(model, TEXT, pos=40)
     with pytest.raises(UnknownHookError, match="Did you mean"):
@@ -204,8 +195,6 @@ def test_report_in_headless_chromium(html_path, tmp_path):
     shot = tmp_path / "shot.png"
     _, err2, netlog2 = _chromium(html_path, tmp_path, f"--screenshot={shot}")
     assert _console(err2) == [] and _page_requests(netlog2) == []
-    import matplotlib.image
-
     img = matplotlib.image.imread(shot)
     assert img.shape[0] >= 1000 and img.shape[1] >= 1000
     assert float(np.std(img[..., :3])) > 0.05  # not blank

@@ -29,10 +29,15 @@ from lin_lens._numeric import relative_error
 from lin_lens._tl import nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decode import norm_params
-from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
-from lin_lens.maps import linear_map, to_tokens
+from lin_lens.errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    NotExactError,
+    UnsupportedFeatureError,
+)
+from lin_lens.maps import default_tolerance, linear_map, to_tokens
 from lin_lens.maps.readout import Readout
-from lin_lens.maps.request import positions
+from lin_lens.maps.request import is_int_position, positions
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 FINAL = ("ln_final.hook_normalized", "logits")
@@ -211,8 +216,15 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     ``ln_final.b``, ``unembed.b_U``. A post-attention/-MLP norm (Gemma) is applied to its parts
     with its frozen scale. Zero biases are left out.
     """
-    if isinstance(pos, bool) or not isinstance(pos, int):
+    if not is_int_position(pos):
         raise ArgumentTypeError(f"decompose takes one int position, got pos={pos!r}")
+    cfg = model.cfg
+    if getattr(cfg, "attn_only", False):
+        raise UnsupportedFeatureError("decompose: attention-only models (cfg.attn_only) are not "
+                                      "supported; use lin_lens.head_operators / linear_map")
+    if hook in FINAL and getattr(model, "ln_final", None) is None:
+        raise UnsupportedFeatureError(f"decompose at {hook!r}: this model has no final norm "
+                                      "(normalization_type=None); decompose a resid hook instead")
     tokens = to_tokens(model, inputs, prepend_bos)
     t = positions(pos, tokens.shape[1])[0]
     n_full, with_attn, final = _stage(model, hook)
@@ -262,6 +274,14 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
         P, stack, act = None, resid, cache[hook][0, t]
     dec = Decomposition(hook, t, labels, kinds, stack, act.detach(), tokens[0].cpu(),
                         cache["hook_embed"][0].detach())
+    # the parts are assembled from the architecture's known structure: check that they really
+    # sum to the target, so an unanticipated block layout is refused rather than answered
+    bound = default_tolerance(dec.act.dtype)
+    if not dec.relative_error <= bound:
+        raise NotExactError(dec, bound, (
+            "The component parts do not sum to the target: this block layout (e.g. post-norm "
+            "blocks, positions that enter only Q/K) is not one decompose knows; use "
+            "lin_lens.linear_map for the exact map of the whole activation."))
     if operators:
         _add_operators(model, tokens, dec, t, layers, n_full, P, **kw)
     return dec

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens.decode import TokenList, decode_vectors, token_strings
-from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPositionError
 from lin_lens.maps import LinearMap, operators_at_hooks, to_tokens
-from lin_lens.maps.request import positions
+from lin_lens.maps.request import as_index, is_int_position, positions
 from lin_lens.progress import progress_bar
 from lin_lens.spectrum import SVD, stable_rank, svd
 
@@ -133,11 +133,16 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
     """Operators of every layer (``layers``, default all; the last layer is always added as the
     reference for projections) for one prompt and position. ``kw`` goes to
     :func:`lin_lens.linear_map` (e.g. ``chunk_size``). See the module docstring."""
-    if isinstance(pos, bool) or not isinstance(pos, int):
+    if not is_int_position(pos):
         raise ArgumentTypeError(f"layer_sweep takes one int position, got pos={pos!r}")
     tokens = to_tokens(model, inputs)
     t = positions(pos, tokens.shape[1])[0]
     n_layers = model.cfg.n_layers
+    if layers is not None:
+        bad = [x for x in layers if not -n_layers <= as_index(x, "layers") < n_layers]
+        if bad:
+            raise InvalidPositionError(f"layers={list(layers)}: {bad} out of range for a "
+                                       f"{n_layers}-layer model")
     layers = sorted(set(range(n_layers) if layers is None else [int(x) % n_layers for x in layers])
                     | {n_layers - 1})
     bad = [kd for kd in kinds if kd not in KINDS]

@@ -1,5 +1,7 @@
 """The ``detached`` context: installs the freezing rules' hooks for a ``with`` block and removes
-exactly those afterwards."""
+exactly those afterwards — also when the block raises, when contexts close out of order, and when
+a KeyboardInterrupt lands while hooks are being added or removed. :func:`reset` restores a model
+by hand if anything was left behind."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lin_lens._tl import HookSet
+from lin_lens._tl import HookSet, finish, strip
 from lin_lens.freeze.gates import relinearize, softcap_gate
 from lin_lens.freeze.rules import freezing_rules
 
@@ -35,7 +38,15 @@ def _softcap_hooks(model: Any, hs: HookSet) -> None:
     hs.add_module_hook(model, relin)
 
 
-_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Installed:
+    """The hooks of one detached model and the open contexts that share them."""
+
+    def __init__(self, model: Any):
+        self.hooks = HookSet(model)
+        self.open: set[object] = set()
+
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -44,36 +55,61 @@ def detached(model: Any) -> Iterator[Any]:
 
     Forward values are unchanged; on the gradient path every normalisation scale, attention
     pattern and activation gate is frozen, so the network is exactly linear (affine with biases)
-    in its input embeddings. Nests and is re-entrant: only the outermost block installs hooks.
-    On exit, even through an exception, exactly the hooks added here are removed.
+    in its input embeddings. Nests and is re-entrant: the first open context installs the hooks
+    and the last one to close removes exactly those, in whatever order the contexts close.
 
-    Raises :class:`UnsupportedFeatureError` naming any feature that cannot be frozen exactly.
+    Raises :class:`~lin_lens.errors.UnsupportedFeatureError` naming any feature that cannot be
+    frozen exactly (before anything is installed).
     """
-    depth = _DEPTH.get(model, 0)
-    if depth:
-        _DEPTH[model] = depth + 1
-        try:
-            yield model
-        finally:
-            _DEPTH[model] -= 1
-        return
-    rules = freezing_rules(model)  # raises before anything is installed
-    hs = HookSet(model)
+    token = object()
+    state: _Installed | None = None
+    # Every step below is undone by the finally clause whatever line an interrupt lands on:
+    # membership in state.open is a single step, and hooks are recorded before they exist.
     try:
-        for r in rules:
-            hs.add(r.hook, r.fn)
-        _softcap_hooks(model, hs)
-        _DEPTH[model] = 1
+        state = _ACTIVE.get(model)
+        if state is None:
+            rules = freezing_rules(model)  # raises before anything is installed
+            state = _Installed(model)
+            _ACTIVE[model] = state
+            for r in rules:
+                state.hooks.add(r.hook, r.fn)
+            _softcap_hooks(model, state.hooks)
+        state.open.add(token)
         with warnings.catch_warnings():
             # The Bridge warns that an edited native-path norm is recomputed; that is the point.
             warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
             yield model
     finally:
-        hs.remove()
-        _DEPTH.pop(model, None)
+        finish(lambda: _close(model, state, token))
+
+
+def _close(model: Any, state: _Installed | None, token: object) -> None:
+    if state is None:
+        return
+    state.open.discard(token)
+    if not state.open:
+        state.hooks.remove()
+        if _ACTIVE.get(model) is state:
+            del _ACTIVE[model]
 
 
 def is_detached(model: Any) -> bool:
-    return _DEPTH.get(model, 0) > 0
+    return model in _ACTIVE
 
 
+def reset(model: Any) -> Any:
+    """Restore ``model`` by hand: end detached mode and remove every hook lin_lens added (the
+    user's own hooks stay). For a model left in doubt, e.g. after an interrupt inside a library
+    call that lin_lens could not clean up; normally never needed. Returns the model."""
+    state = _ACTIVE.pop(model, None)
+    if state is not None:
+        state.hooks.remove()
+    strip(model)
+    return model
+
+
+def in_functorch_transform() -> bool:
+    """True inside a vmap/grad transform — or when a KeyboardInterrupt inside torch's own vmap
+    bookkeeping left one open, after which autograd silently works on batched tensors."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None

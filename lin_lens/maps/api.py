@@ -18,7 +18,13 @@ from lin_lens.maps.forward import choose_engine, forward_maps
 from lin_lens.maps.matrix_free import TopSingular
 from lin_lens.maps.matrix_free import top_singular as _top_singular
 from lin_lens.maps.replay import ReplayUnsupported
-from lin_lens.maps.request import MapRequest, check_hook, hook_width, sequence_of_hooks
+from lin_lens.maps.request import (
+    MapRequest,
+    check_hook,
+    hook_width,
+    is_int_position,
+    sequence_of_hooks,
+)
 from lin_lens.maps.result import LinearMap, default_tolerance
 from lin_lens.maps.reverse import reverse_map
 
@@ -143,7 +149,7 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
     """Top-``k`` singular triplets ``U [d_out, k]``, ``S [k]``, ``V [n_src, d_in, k]`` of the
     detached operator at ``hook``/``pos`` (all source tokens stacked), without forming ``J``;
     see :func:`lin_lens.maps.matrix_free.top_singular` for the method and stopping rule."""
-    if isinstance(pos, bool) or not isinstance(pos, int):
+    if not is_int_position(pos):
         raise ArgumentTypeError(f"top_singular takes one int position, got pos={pos!r}")
     req = MapRequest.build(model, tokens, hook, pos, source=source, progress=progress,
                            max_memory=max_memory)
@@ -156,8 +162,24 @@ def _checked(lm: LinearMap, req: MapRequest) -> LinearMap:
     if req.check and lm.detached:
         bound = req.tol if req.tol is not None else default_tolerance(lm.act4.dtype)
         if not lm.relative_error <= bound:
-            raise NotExactError(lm, bound)
+            raise NotExactError(lm, bound, _cause(lm))
     return lm
+
+
+def _cause(lm: LinearMap) -> str | None:
+    """The real reason a map is not exact when it is not an unfrozen nonlinearity."""
+    dtype = str(lm.act4.dtype).replace("torch.", "")
+    if not bool(torch.isfinite(lm.x).all()):
+        return ("The source activation contains NaN or inf: check the input embeddings and the "
+                "model's weights.")
+    if not bool(torch.isfinite(lm.act4).all()):
+        return (f"The model's own activation at {lm.hook!r} contains NaN or inf (an overflow in "
+                f"{dtype}, or non-finite weights); no map can reproduce it.")
+    if not bool(torch.isfinite(lm.J4).all()) or not all(
+            bool(torch.isfinite(v).all()) for v in lm.constants.values()):
+        return (f"The operator contains NaN or inf: an intermediate value overflowed in {dtype} "
+                "or a weight is not finite.")
+    return None
 
 
 def _preflight_reverse(model: Any, req: MapRequest) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lin_lens.errors import (
     InvalidPositionError,
     NotLinearError,
 )
+from lin_lens.freeze import in_functorch_transform, is_detached
 from lin_lens.maps import budget
 
 NOT_LINEAR = {
@@ -61,16 +63,41 @@ def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None) -> Int[T
     return tokens.to(model_device(model))
 
 
+def as_index(value: Any, what: str) -> int:
+    """An integer scalar (Python, numpy or a 0-d integer tensor) as an int; anything else —
+    bools, floats, strings — is refused rather than truncated."""
+    if isinstance(value, Tensor):
+        if value.ndim != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise ArgumentTypeError(f"{what}={value!r}: expected an integer")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{what}={value!r}: expected an integer, got "
+                                f"{type(value).__name__}")
+    return int(value)
+
+
+def is_int_position(pos: Any) -> bool:
+    """One integer position (J then drops its target axis)."""
+    if isinstance(pos, Tensor):
+        return pos.ndim == 0 and not pos.dtype.is_floating_point and pos.dtype != torch.bool
+    return isinstance(pos, numbers.Integral) and not isinstance(pos, bool)
+
+
 def positions(pos: Any, n: int) -> list[int]:
-    """``pos`` (int, list, slice or None = all) → sorted-as-given non-negative positions."""
+    """``pos`` (an integer, a sequence of integers, a slice, or None = all) → non-negative
+    positions in the order given."""
     if pos is None:
         idx = list(range(n))
     elif isinstance(pos, slice):
         idx = list(range(n))[pos]
-    elif isinstance(pos, numbers.Integral) and not isinstance(pos, bool):
-        idx = [int(pos)]
+    elif is_int_position(pos):
+        idx = [as_index(pos, "pos")]
+    elif isinstance(pos, (str, bytes, bool, float)) or not hasattr(pos, "__iter__"):
+        raise ArgumentTypeError(
+            f"pos={pos!r}: expected an int, a list of ints, a slice or None (-1 is the last "
+            "position)")
     else:
-        idx = [int(p) for p in pos]
+        idx = [as_index(p, "pos") for p in (pos.tolist() if isinstance(pos, Tensor) else pos)]
     out = []
     for p in idx:
         if not -n <= p < n:
@@ -136,20 +163,81 @@ class MapRequest:
             raise InvalidArgumentError(
                 "engine='matrix_free' never forms J; call lin_lens.top_singular(model, tokens, "
                 "hook, pos, k=...) for the top singular triplets instead")
+        _check_model(model)
         tokens = to_tokens(model, inputs, prepend_bos)
         check_hook(model, source, "source")
         check_hook(model, hook, "target")
         if direction is not None and out_index is not None:
             raise InvalidArgumentError("give either direction or out_index, not both")
+        if head is not None:
+            head = as_index(head, "head")
+            if hook == LOGITS:
+                raise InvalidArgumentError("head= is for per-head hooks, not 'logits'")
+            if out_index is not None or direction is not None:
+                raise InvalidArgumentError("head= selects the rows itself; give head= alone, "
+                                           "without out_index= or direction=")
+        if out_index is not None:
+            out_index = _index_list(out_index)
+        if direction is not None:
+            direction = torch.as_tensor(direction)
+            if not direction.dtype.is_floating_point:
+                raise ArgumentTypeError(f"direction must be a float vector, got {direction.dtype}")
+            if not bool(torch.isfinite(direction).all()):
+                raise InvalidArgumentError("direction contains NaN or inf")
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, numbers.Integral)
+                                       or chunk_size < 1):
+            raise InvalidArgumentError(f"chunk_size must be a positive int or None, got "
+                                       f"{chunk_size!r}")
+        if tol is not None and not (isinstance(tol, numbers.Real) and math.isfinite(tol)
+                                    and tol > 0):
+            raise InvalidArgumentError(f"tol must be a positive finite number, got {tol!r}")
+        if not detach and is_detached(model):
+            raise InvalidArgumentError(
+                "detach=False inside `with lin_lens.detached(model)`: the model is detached, "
+                "so the ordinary Jacobian cannot be computed here; call it outside the block")
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if n_ctx and tokens.shape[1] > n_ctx:
+            raise InvalidArgumentError(
+                f"{tokens.shape[1]} tokens exceed the model's context length n_ctx={n_ctx}")
         return cls(tokens=tokens, hook=hook, source=source,
-                   positions=positions(pos, tokens.shape[1]),
-                   int_pos=isinstance(pos, numbers.Integral) and not isinstance(pos, bool),
+                   positions=positions(pos, tokens.shape[1]), int_pos=is_int_position(pos),
                    direction=direction, out_index=out_index, head=head, detach=detach,
                    chunk_size=chunk_size, progress=progress, check=check, tol=tol,
                    max_memory=budget.parse_bytes(max_memory), engine=engine)
 
     def canonical_hook(self, model: Any) -> str:
         return canonical(model, self.hook)
+
+
+def _index_list(out_index: Any) -> Tensor:
+    """Output indices as a 1-D long tensor; boolean masks, floats and empty lists are refused."""
+    t = torch.as_tensor(out_index)
+    if t.dtype == torch.bool:
+        raise ArgumentTypeError("out_index is a boolean mask; pass the indices "
+                                "(e.g. mask.nonzero().flatten())")
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ArgumentTypeError(f"out_index must hold integers, got {t.dtype}")
+    if t.numel() == 0:
+        raise InvalidArgumentError("out_index is empty: no output row selected")
+    return t.reshape(-1).long()
+
+
+def _check_model(model: Any) -> None:
+    """Environment problems that would otherwise surface as raw torch errors."""
+    if torch.is_inference_mode_enabled():
+        raise InvalidArgumentError(
+            "lin_lens needs autograd, which torch.inference_mode() disables; call it outside "
+            "the inference_mode block (torch.no_grad() around it is fine)")
+    if in_functorch_transform():
+        raise InvalidArgumentError(
+            "torch is inside a vmap/functorch transform. If no transform of yours is running, "
+            "an interrupt inside torch's own vmap bookkeeping left it open: restart the Python "
+            "process (lin_lens.reset(model) restores the model, not torch)")
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "meta":
+        raise InvalidArgumentError("the model's parameters are on the 'meta' device (no "
+                                   "values); load real weights first")
 
 
 def hook_width(model: Any, hook: str) -> int:

@@ -95,8 +95,23 @@ class LinearMap:
 
     @property
     def relative_error(self) -> float:
-        """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access."""
-        return relative_error(self.act, self.reconstruct())
+        """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access.
+
+        For a ``direction=`` map (one scalar ``uᵀact`` per target, which can be near 0 for a
+        logit difference of near-duplicate tokens) the denominator is the scale of the sum
+        instead, ``max(|act|, Σ_i |J_i x_i| + Σ_o |c_o|)``: a well-conditioned measure that still
+        flags any unfrozen nonlinearity."""
+        err = relative_error(self.act, self.reconstruct())
+        if self.direction is None or tuple(self.out_shape) != (1,):
+            return err
+        act = self.act4.reshape(-1).to(torch.float64)
+        parts = torch.einsum("tsoi,si->tso", self.J4, self.x).abs().sum(1).reshape(-1)
+        for v in self.constants.values():
+            parts = parts + v.abs().reshape(-1)
+        scale = torch.maximum(act.abs(), parts.to(torch.float64))
+        num = torch.linalg.vector_norm(act - self.reconstruct().reshape(-1).to(torch.float64))
+        den = torch.linalg.vector_norm(scale)
+        return float(num / den) if float(den) > 0 else err
 
     # -- analyses (the functions of lin_lens.spectrum / lin_lens.decode) ---------------------
     def svd(self, k: int | None = None, *, stacked: bool = False) -> spectrum.SVD:

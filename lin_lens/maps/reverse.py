@@ -57,8 +57,8 @@ def _rows(req: MapRequest, out_shape: tuple[int, ...], d_space: int
         return torch.arange(h * per, (h + 1) * per), out_shape[1:]
     if req.out_index is None:
         return None, out_shape
-    idx = torch.as_tensor(req.out_index, dtype=torch.long).reshape(-1)
-    if idx.numel() == 0 or int(idx.max()) >= d_space or int(idx.min()) < -d_space:
+    idx = req.out_index
+    if int(idx.max()) >= d_space or int(idx.min()) < -d_space:
         raise InvalidPositionError(f"out_index out of range for an output of size {d_space}")
     return idx % d_space, (int(idx.numel()),)
 

@@ -14,16 +14,19 @@ from lin_lens.analyses.steering import (
     steering_hooks,
     steering_operator,
 )
-from lin_lens.testing import tiny_model
+from tests.conftest import tiny
 
 BOS = 49
 CONCEPT = torch.tensor([BOS, 5, 7, 9])
 PROMPT = torch.tensor([BOS, 3, 8, 7, 9, 11, 2])
+# How token i reads: a tiny HookedTransformer has no tokenizer ("#i"); a tiny Bridge has the
+# word-level one ("wi").
+TOKEN = {"hooked": "#{}", "bridge": "w{}"}
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    return tiny_model("gpt2")
+def gpt2(backend):
+    return tiny("gpt2", backend)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +76,10 @@ def test_hook_semantics(gpt2, op):
     assert names == ["hook_embed", "blocks.0.hook_resid_post"]
 
 
-def test_steer_result(gpt2, op):
+def test_steer_result(gpt2, op, backend):
     r = steer(gpt2, CONCEPT, PROMPT, 0, lam=0.3, max_new_tokens=3, op=op)
-    assert r.concept_ids == [5, 7, 9] and r.concept_strs == ["#5", "#7", "#9"]
+    assert r.concept_ids == [5, 7, 9]
+    assert r.concept_strs == [TOKEN[backend].format(i) for i in (5, 7, 9)]
     assert 0 <= r.p_concept_base <= 1 and 0 <= r.p_concept_steered <= 1
     assert r.p_concept_base != r.p_concept_steered
     assert len(r.text_steered.split()) == 3

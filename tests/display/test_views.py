@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from lin_lens import display, linear_map
-from lin_lens.testing import tiny_model
+from lin_lens.decode import TokenList, output_logit_directions
+from lin_lens.spectrum import svd
+from tests.conftest import tiny
 
 
 @pytest.fixture(scope="module")
-def model():
-    from lin_lens.testing import tiny_tokenizer
-
-    m = tiny_model("gpt2", d_vocab=50)
-    m.set_tokenizer(tiny_tokenizer(50), default_padding_side="right")
-    return m
+def model(backend):
+    return tiny("gpt2", backend, tokenizer=True)
 
 
 TEXT = "w1 w2 w3 w4"
@@ -87,9 +85,6 @@ def test_norm_contributions(model):
 
 
 def test_decode_svd_keeps_global_topk(model):
-    from lin_lens.decode import output_logit_directions
-    from lin_lens.spectrum import svd
-
     lm = linear_map(model, TEXT, "ln_final.hook_normalized")
     d = svd(lm)
     labels = display.str_tokens(model, lm.tokens)
@@ -106,8 +101,6 @@ def test_decode_svd_keeps_global_topk(model):
 
 
 def test_from_token_lists_shows_exactly_the_lists():
-    from lin_lens.decode import TokenList
-
     t = TokenList(["a", "b"], [0, 1], [3.0, 2.0], ["z", "y"], [9, 8], [-3.0, -2.0])
     u = TokenList(["b", "c"], [1, 2], [5.0, 4.0], ["a", "y"], [0, 8], [-1.0, 0.5])
     s = display.from_token_lists([[t], [u]], "U", ["L0", "L1"])

@@ -9,20 +9,23 @@ import torch
 
 from lin_lens.analyses import layer_sweep
 from lin_lens.spectrum import stable_rank, svd
-from lin_lens.testing import tiny_model
+from tests.conftest import tiny
 
 TOKENS = torch.tensor([3, 17, 5, 41, 8])
+# How token i reads: a tiny HookedTransformer has no tokenizer ("#i"); a tiny Bridge has the
+# word-level one ("wi").
+TOKEN = {"hooked": "#{}", "bridge": "w{}"}
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def sweep(request):
-    m = tiny_model(request.param, n_layers=2)
-    return m, layer_sweep(m, TOKENS, pos=-1, keep_maps=True, k=2, top=3)
+def sweep(request, backend):
+    m = tiny(request.param, backend)
+    return m, layer_sweep(m, TOKENS, pos=-1, keep_maps=True, k=2, top=3), backend
 
 
 def test_tables_and_shapes(sweep):
-    m, s = sweep
-    assert s.layers == [0, 1] and s.position == 4 and s.tokens[0] == "#3"
+    m, s, backend = sweep
+    assert s.layers == [0, 1] and s.position == 4 and s.tokens[0] == TOKEN[backend].format(3)
     for kd in ("resid_post", "attn_out", "mlp_out", "transform"):
         assert s.stable_rank[kd].shape == (2, 5)
         assert s.stacked_stable_rank[kd].shape == (2,)
@@ -36,7 +39,7 @@ def test_tables_and_shapes(sweep):
 
 
 def test_numbers_match_the_maps(sweep):
-    m, s = sweep
+    m, s, _ = sweep
     for (kd, layer), lm in s.maps.items():
         li = s.layers.index(layer)
         assert torch.allclose(s.stable_rank[kd][li], stable_rank(lm))
@@ -56,14 +59,19 @@ def test_transform_composes_to_cumulative(sweep):
     """resid_post L (from the embeddings) = transform L ∘ resid_post L-1, summed over positions;
     the sweep's per-layer transform sees only the target position, so check at layer 0, where
     resid_pre 0 = embeddings (+ positions): the two maps coincide."""
-    m, s = sweep
+    m, s, _ = sweep
     assert torch.allclose(s.maps[("transform", 0)].J, s.maps[("resid_post", 0)].J, atol=1e-12)
 
 
-def test_layers_subset_and_focus():
-    m = tiny_model("gpt2", n_layers=3)
+def test_layers_subset_and_focus(backend):
+    m = tiny("gpt2", backend)  # 2 layers
     s = layer_sweep(m, TOKENS, pos=2, layers=[0], kinds=("resid_post",), focus=-1, k=1)
-    assert s.layers == [0, 2]  # the final layer is always added as the reference
+    assert s.layers == [0, 1]  # the final layer is always added as the reference
     assert s.kinds == ["resid_post"] and s.S["resid_post"].shape == (2, 1)
+    s = layer_sweep(m, TOKENS, pos=2, layers=[1], kinds=("resid_post",), focus=-1, k=1)
+    assert s.layers == [1]  # only the layers asked for (and the final one), not all of them
+
+
+def test_unknown_kinds(backend):
     with pytest.raises(ValueError, match="unknown kinds"):
-        layer_sweep(m, TOKENS, kinds=("nope",))
+        layer_sweep(tiny("gpt2", backend), TOKENS, kinds=("nope",))
