@@ -29,6 +29,7 @@ from lin_lens._numeric import relative_error
 from lin_lens._tl import nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decode import norm_params
+from lin_lens.freeze import detached
 from lin_lens.errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -232,7 +233,9 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     if idx is not None and hook != "logits":
         raise InvalidArgumentError(f"out_index is for hook='logits', not {hook!r}")
 
-    with torch.no_grad():
+    # the cached values of the detached forward: identical on a HookedTransformer, and on a
+    # Bridge the norms re-linearised in the model's dtype (HF's RMSNorm rounds to float32)
+    with torch.no_grad(), detached(model):
         logits, cache = model.run_with_cache(tokens)
     parts: list[tuple[str, str, Tensor]] = [("embed", "embed", cache["hook_embed"][0, t])]
     if "hook_pos_embed" in cache.cache_dict:
@@ -297,7 +300,7 @@ def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layer
     J_embed = torch.zeros(n_src, d_model, d_model, dtype=dec.x.dtype, device=dec.x.device)
     J_embed[t] = torch.eye(d_model, dtype=dec.x.dtype, device=dec.x.device)
     ops["embed"] = proj(J_embed)
-    with torch.no_grad():
+    with torch.no_grad(), detached(model):
         _, cache = model.run_with_cache(tokens)
     consts: dict[str, Tensor] = {"embed": torch.zeros_like(dec.parts[0])}
     for layer in layers:

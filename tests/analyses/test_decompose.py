@@ -21,11 +21,6 @@ HEAVY = ["gpt2", "gemma"]  # fewer families for the tests that compute maps
 BRIDGE_FORWARD = 1e-5
 
 # Possible lin_lens bugs on the Bridge, each checked strictly (an XPASS fails: drop the mark).
-PLAIN_CACHE = pytest.mark.xfail(strict=True, reason=(
-    "lin_lens bug on Bridges with RMSNorm (post-norms / final norm): decompose takes its parts and "
-    "act from a plain run_with_cache, whose HF RMSNorm scales are float32-rounded (7e-7), so parts "
-    "miss act by ~5e-8 and along() sums to 1 ± 1e-7; run inside detached(model) it is exact to "
-    "1e-15"))
 B_OUT_NAME = pytest.mark.xfail(strict=True, reason=(
     "lin_lens bug on Bridges with MLP biases: decompose(operators=True) drops b_out from "
     "L{l}.mlp's constant by its HookedTransformer origin name 'blocks.{l}.mlp.b_out'; a Bridge's "
@@ -35,9 +30,7 @@ B_OUT_NAME = pytest.mark.xfail(strict=True, reason=(
 def _known_bug(request, backend: str, arch: str, hook: str, operators: bool = False) -> None:
     if backend != "bridge":
         return
-    if arch == "gemma" or (arch == "llama" and hook == "logits"):
-        request.applymarker(PLAIN_CACHE)
-    elif operators and arch == "gpt2":
+    if operators and arch == "gpt2":
         request.applymarker(B_OUT_NAME)
 
 
