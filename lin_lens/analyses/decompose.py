@@ -29,13 +29,13 @@ from lin_lens._numeric import relative_error
 from lin_lens._tl import nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decode import norm_params
-from lin_lens.freeze import detached
 from lin_lens.errors import (
     ArgumentTypeError,
     InvalidArgumentError,
     NotExactError,
     UnsupportedFeatureError,
 )
+from lin_lens.freeze import detached
 from lin_lens.maps import default_tolerance, linear_map, to_tokens
 from lin_lens.maps.readout import Readout
 from lin_lens.maps.request import is_int_position, positions
