@@ -27,6 +27,7 @@ from lin_lens.errors import (
     UnsupportedFeatureError,
 )
 from lin_lens.freeze import detached, is_detached, reset
+from lin_lens.graph import AttributionGraph, attribution_graph
 from lin_lens.maps import (
     LinearMap,
     TopSingular,
@@ -40,6 +41,7 @@ from lin_lens.models import load_hf, load_model
 from lin_lens.spectrum import stable_rank, svd
 
 __all__ = [
+    "AttributionGraph",
     "InvalidArgumentError",
     "LinLensError",
     "LinearMap",
@@ -49,6 +51,7 @@ __all__ = [
     "TopSingular",
     "UnknownHookError",
     "UnsupportedFeatureError",
+    "attribution_graph",
     "decode",
     "decompose",
     "default_tolerance",
@@ -71,3 +74,12 @@ __all__ = [
     "top_singular_tokens",
 ]
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    # lin_lens.corpus (pyarrow, optionally Ray) loads on first use, not with every import
+    if name == "corpus":
+        import importlib
+
+        return importlib.import_module("lin_lens.corpus")
+    raise AttributeError(f"module 'lin_lens' has no attribute {name!r}")

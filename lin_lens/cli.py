@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-ordinary", action="store_true",
                    help="skip the ordinary Jacobian (halves the time; no comparison in the plot)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from lin_lens.corpus.cli import add_parsers
+
+    add_parsers(sub)  # lin-lens corpus / lin-lens compare
     return p
 
 
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "corpus_command"):
+        return args.corpus_command(args, parser)
     if args.command == "analyze":
         return analyze_cmd(args, parser)
     parser.error(f"unknown command {args.command!r}")

@@ -290,7 +290,25 @@ def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
             sd, fold_ln=fold_ln, center_writing_weights=fold_ln, center_unembed=fold_ln,
             fold_value_biases=fold_ln,
         )
+        _exact_rotary_tables(model)
     return model.to(device)
+
+
+def _exact_rotary_tables(model: Any) -> None:
+    """TransformerLens's weight processing round-trips every tensor it is given through float32
+    (meant for half precision), the rotary sin/cos buffers included: a float64 model then rotates
+    with float32-rounded tables (3e-8). Recompute them in the model's own dtype."""
+    for block in getattr(model, "blocks", []):
+        attn = block.attn
+        sin = getattr(attn, "rotary_sin", None)
+        if sin is None or sin.dtype != torch.float64:
+            continue
+        base = attn._rotary_base() if hasattr(attn, "_rotary_base") else attn.cfg.rotary_base
+        new_sin, new_cos = attn.calculate_sin_cos_rotary(attn.cfg.rotary_dim, sin.shape[0],
+                                                         base=base, dtype=torch.float64)
+        with torch.no_grad():
+            attn.rotary_sin.copy_(new_sin.to(sin.device))
+            attn.rotary_cos.copy_(new_cos.to(sin.device))
 
 
 def _check_same_shape(cfg: Any, hf_cfg: Any) -> None:

@@ -12,7 +12,8 @@ import pytest
 from lin_lens.models import available
 
 DEMOS = sorted((Path(__file__).parent.parent / "demos").glob("*.ipynb"))
-NEEDS_SMOLLM2 = {"01_quickstart.ipynb", "03_layer_sweep.ipynb", "04_steering.ipynb"}
+NEEDS_SMOLLM2 = {"01_quickstart.ipynb", "03_layer_sweep.ipynb", "04_steering.ipynb",
+                 "05_attribution_graph.ipynb"}
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from tests._real import (
     model,
     needs,
     release,
+    smollm2,
 )
 from tests.conftest import BACKENDS
 
@@ -236,3 +237,22 @@ def _available_gib() -> float | None:
         return int(info["MemAvailable"].split()[0]) / 2**20
     except (OSError, KeyError, ValueError):
         return None
+
+
+@needs(SMOLLM2)
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer's rotary buffers (TL ≤ 3.x)")
+@pytest.mark.parametrize("fold_ln", [False, True])
+def test_float64_hooked_rotary_tables_are_float64(fold_ln):
+    """TransformerLens's weight processing rounds the rotary tables to float32 (3e-8); a float64
+    model from load_model carries exact float64 tables (angles up to 2048 rad: 1e-12)."""
+    m = smollm2(torch.float64, "hooked", fold_ln)
+    for block in m.blocks:
+        a = block.attn
+        d = a.cfg.rotary_dim
+        pos = torch.arange(a.rotary_sin.shape[0], dtype=torch.float64)
+        freq = float(a.cfg.rotary_base) ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = pos[:, None] * freq[None]
+        for half in (slice(0, d // 2), slice(d // 2, d)):
+            assert float((a.rotary_sin[:, half] - torch.sin(ang)).abs().max()) < 1e-12
+            assert float((a.rotary_cos[:, half] - torch.cos(ang)).abs().max()) < 1e-12

@@ -68,9 +68,13 @@ def softcap_gate(z: Tensor, cap: float) -> Tensor:
 def relinearize(value: Tensor, pre: Tensor, gate: Tensor) -> Tensor:
     """``value`` in the forward pass, ``gate·pre`` (gate frozen) on the gradient path.
 
-    ``pre - pre.detach()`` is exactly zero, so the forward value is bit-identical.
+    ``pre - pre.detach()`` is exactly zero, so the forward value is bit-identical — except where
+    ``pre`` overflowed to ±inf, where it would be ``inf − inf = nan``: there the linear path is
+    cut (its gradient is zero anyway once the value saturates), so the forward stays the model's.
     """
-    return value.detach() + (pre - pre.detach()) * gate.detach()
+    live = pre - pre.detach()
+    live = torch.where(torch.isfinite(pre.detach()), live, torch.zeros_like(live))
+    return value.detach() + live * gate.detach()
 
 
 def check_gate(name: str, act: str, value: Tensor, pre: Tensor, gate: Tensor) -> None:

@@ -160,12 +160,19 @@ def freezing_rules(model: Any) -> list[Rule]:
         elif leaf == "hook_v" and name.endswith("attn.hook_v"):
             rules += _clip_qkv_rule(model, name)
         elif leaf == "hook_expert_weights" or _EXPERT_GATE.search(name):
+            if _gpt_oss(model, name):
+                raise UnsupportedFeatureError(
+                    f"{name}: GPT-OSS-style expert MLP ((clamp(up) + 1)·glu(clamp(gate)): an "
+                    "offset and clamps, not act(x)·x) cannot be frozen exactly")
             # MoE: the router's softmax weights (top-k choice is discrete) and each expert's
             # act(gate) are frozen; each expert's up projection carries the linear path.
             rules.append(Rule(name, _detach, "cut", True))
     return rules
 
 
+def _gpt_oss(model: Any, hook: str) -> bool:
+    arch = str(getattr(model.cfg, "original_architecture", "") or "")
+    return "GptOss" in arch or "GptOss" in type(parent_module(model, hook)).__name__
 
 
 def cut_hooks(model: Any) -> set[str]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._tl import LOGITS, HookSet, biases, canonical, flags_for, requires_grad
-from lin_lens.errors import InvalidArgumentError
+from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import cut_hooks, detached
 
 
@@ -96,6 +96,10 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
         if not outer():
             return
         once("target", hook.name)
+        if t.ndim < 2 or t.shape[0] != tokens.shape[0] or t.shape[1] != tokens.shape[1]:
+            raise UnsupportedFeatureError(
+                f"{hook.name!r} has shape {list(t.shape)}, not [batch, pos, …] (TransformerLens "
+                "folds batch, positions and heads together there); map the hook it feeds")
         if fwd.x.numel() == 0:
             raise InvalidArgumentError(
                 f"target {hook.name!r} is computed before source {source!r}")

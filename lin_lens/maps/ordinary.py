@@ -1,22 +1,25 @@
 """The ordinary (not detached) network's reconstruction, for comparison: ``J x + Σ_b J_b b`` at one
-hook and position in a single forward-mode pass, with every linear input (embeddings, positional
-embeddings, biases) as its own tangent — instead of a full ordinary Jacobian (d_out backward
-passes). It is what ``linear_map(..., detach=False).reconstruct()`` returns."""
+hook in a single forward-mode pass, with every linear input (embeddings, positional embeddings,
+biases) as its own tangent — instead of a full ordinary Jacobian (d_out backward passes). It is
+what ``linear_map(..., detach=False).reconstruct()`` returns."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from lin_lens._tl import HookSet, biases
+from lin_lens._tl import LOGITS, HookSet, biases
 from lin_lens.errors import InvalidArgumentError
 
 
-def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int) -> Tensor:
-    """``[d_out]``: the ordinary Jacobian's reconstruction of the activation at ``hook``."""
+def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Sequence[int]
+                            ) -> Tensor:
+    """The ordinary Jacobian's reconstruction of the activation at ``hook`` (or ``"logits"``):
+    ``[d_out]`` for an int ``pos``, ``[n_pos, d_out]`` for a list of positions."""
     out: dict[str, Tensor] = {}
 
     def dual(t: Tensor, hook: Any) -> Tensor:
@@ -29,10 +32,17 @@ def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int) -> 
         for h in ("hook_embed", "hook_pos_embed"):
             if h in model.hook_dict:
                 hs.add(h, dual)
-        hs.add(hook, grab)
+        if hook != LOGITS:
+            hs.add(hook, grab)
         params = {n: fwAD.make_dual(p.detach(), p.detach())
                   for n, p in biases(model, nonzero=False).items()}
-        torch.func.functional_call(model, params, (tokens,), {"return_type": None}, strict=False)
+        res = torch.func.functional_call(model, params, (tokens,), {"return_type": "logits"},
+                                         strict=False)
+        if hook == LOGITS:
+            out["jvp"] = fwAD.unpack_dual(res).tangent
     if out.get("jvp") is None:
         raise InvalidArgumentError(f"no forward-mode tangent reached {hook!r}")
-    return out["jvp"][0, pos].reshape(-1)
+    if isinstance(pos, int):
+        return out["jvp"][0, pos].reshape(-1)
+    idx = list(pos)
+    return out["jvp"][0, idx].reshape(len(idx), -1)

@@ -26,6 +26,8 @@ from lin_lens.freeze import freezing_rules
 from lin_lens.freeze.gates import gate_fn
 from lin_lens.maps.graph import _Stop
 
+_QK_BRANCH = re.compile(r"\.attn\.(hook_q|hook_k|hook_rot_[qk]|[qk]_norm\.)")
+
 
 class ReplayUnsupported(UnsupportedFeatureError):
     """Forward-mode replay cannot reproduce this model's frozen network (the forward engine then
@@ -69,8 +71,10 @@ class Replay:
         if any(post not in model.hook_dict for _, post in self.pre_post):
             raise ReplayUnsupported("plain MLP without hook_post")
         self._gate = gate_fn(act) if self.pre_post else None
-        self.values: dict[str, Tensor] = {}
-        self.gates: dict[str, Tensor] = {}
+        # one frozen value per firing, in order (a norm fires three times per block with
+        # use_split_qkv_input: on the q, k and v inputs)
+        self.values: dict[str, list[Tensor]] = {}
+        self.gates: dict[str, list[Tensor]] = {}
         self.pos_origin = ("hook_pos_embed" in model.hook_dict
                            and canonical(model, "hook_pos_embed") != canonical(model, source))
         last = max(layer_of(model, h) for h in self.targets)
@@ -83,10 +87,10 @@ class Replay:
     def recorder(self, hs: HookSet) -> None:
         """Add hooks (after detached mode's) that record the frozen factors."""
         def rec(t: Tensor, hook: Any) -> None:
-            self.values[hook.name] = t.detach()
+            self.values.setdefault(hook.name, []).append(t.detach())
 
         def rec_pre(t: Tensor, hook: Any) -> None:
-            self.gates[hook.name] = self._gate(t.detach())
+            self.gates.setdefault(hook.name, []).append(self._gate(t.detach()))
 
         for h in self.freeze:
             hs.add(h, rec)
@@ -117,6 +121,10 @@ class Replay:
         rotary and masks only touch the discarded Q/K); outputs then cover only the target
         positions ≥ ``start``."""
         model = self.model
+        if start and any(_QK_BRANCH.search(h) for h in self.targets):
+            # a shifted replay moves the rotary angle and leaves q/k norms live: exact after
+            # the frozen pattern only (the caller falls back to full-length columns)
+            raise ReplayUnsupported("a target in the Q/K branch needs full-length replays")
         B = 1 if tangent is None else tangent.shape[0]
         tokens = self.tokens[:, start:].expand(B, -1)
         out: dict[str, Tensor] = {}
@@ -127,6 +135,12 @@ class Replay:
         if origin is not None and origin in self.biases:
             params[origin] = self.biases[origin].detach()
         seen: dict[str, Tensor] = {}
+        fired: dict[str, int] = {}
+
+        def nth(name: str) -> int:  # which firing of ``name`` this is, in this replay
+            k = fired.get(name, 0)
+            fired[name] = k + 1
+            return k
 
         def done() -> None:
             if want <= out.keys():
@@ -143,7 +157,7 @@ class Replay:
             return t if origin == "hook_pos_embed" else torch.zeros_like(t)
 
         def frozen(t: Tensor, hook: Any) -> Tensor:
-            v = self._sliced(hook.name, self.values[hook.name], start)
+            v = self._sliced(hook.name, self.values[hook.name][nth(hook.name)], start)
             if v is None:
                 return t
             if v.shape[0] != t.shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
@@ -155,7 +169,7 @@ class Replay:
 
         def post_for(pre: str):
             def post(t: Tensor, hook: Any) -> Tensor:
-                return self._sliced(pre, self.gates[pre], start) * seen.pop(pre)
+                return self._sliced(pre, self.gates[pre][nth(pre)], start) * seen.pop(pre)
             return post
 
         def unembed_in(module, args) -> None:

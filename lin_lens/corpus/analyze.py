@@ -1,0 +1,173 @@
+"""One prompt → its rows of the corpus table (see :mod:`lin_lens.corpus.schema`).
+
+Only lin_lens's public API is used: :func:`lin_lens.linear_map` for the operator and for the
+predicted logit (``direction=`` a one-hot), :func:`lin_lens.decode` / :func:`lin_lens.svd` for
+spectra and decoded singular vectors. A failure of any kind becomes a row with its status and
+message; only ``KeyboardInterrupt`` / ``SystemExit`` escape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+import lin_lens
+from lin_lens._numeric import relative_error
+from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
+from lin_lens.decode import token_strings
+from lin_lens.maps import ordinary_reconstruction
+from lin_lens.maps.request import positions
+
+ANALYSES = ("svd", "decode", "contributions", "ordinary")
+DEFAULT_ANALYSES = ("svd", "decode", "contributions")
+TOP_PREDICTIONS = 5
+
+
+def model_info(model: Any) -> dict[str, str]:
+    """``{"model", "dtype", "backend"}`` of a loaded model (``lin_lens.load_model`` records its
+    name; otherwise the TransformerLens config's ``model_name``)."""
+    info = getattr(model, "lin_lens_info", None) or {}
+    name = info.get("name") or getattr(model.cfg, "model_name", None) or type(model).__name__
+    p = next(p for p in model.parameters() if p.is_floating_point())
+    bridge = any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
+    backend = info.get("backend") or ("bridge" if bridge else "hooked")
+    return {"model": str(name), "dtype": str(p.dtype).replace("torch.", ""), "backend": backend}
+
+
+def check_analyses(analyses: Any) -> tuple[str, ...]:
+    if isinstance(analyses, str):
+        analyses = (analyses,)
+    out = tuple(dict.fromkeys(analyses))
+    bad = [a for a in out if a not in ANALYSES]
+    if bad:
+        raise ValueError(f"analyses: unknown {bad}; choose from {list(ANALYSES)}")
+    return out
+
+
+def check_hooks(model: Any, settings: dict[str, Any]) -> None:
+    """Fail before the first prompt on a hook the model does not have (a typo would otherwise
+    make every prompt an error row)."""
+    for what in ("hook", "source"):
+        name = settings[what]
+        if name != "logits" and name not in model.hook_dict:
+            close = [h for h in model.hook_dict if h.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+            hint = f"; e.g. {', '.join(close[:3])}" if close else ""
+            raise ValueError(f"{what} {name!r} is not a hook of this model{hint}")
+
+
+def analyze_prompt(model: Any, text: str, index: int, settings: dict[str, Any]) -> list[dict]:
+    """The rows of one prompt: one per target position, or one failure row."""
+    t0 = time.perf_counter()
+    base = {
+        "schema_version": SCHEMA_VERSION, "prompt_id": prompt_id(text, settings),
+        "prompt_index": index, "text": text, "model": settings["model"],
+        "dtype": settings["dtype"], "backend": settings["backend"],
+        "lin_lens_version": getattr(lin_lens, "__version__", "unknown"),
+        "hook": settings["hook"], "source": settings["source"],
+        "settings": json.dumps(settings, sort_keys=True, default=str),
+    }
+    try:
+        rows = _rows(model, text, settings)
+    except lin_lens.NotExactError as e:
+        rows = [_failure("not_exact", e, relative_error=float(e.linear_map.relative_error))]
+    except Exception as e:  # noqa: BLE001 - every failure is recorded as a row
+        rows = [_failure("error", e)]
+    wall = time.perf_counter() - t0
+    return [{**base, **r, "wall_time_s": wall} for r in rows]
+
+
+def _failure(status: str, e: BaseException, **extra: Any) -> dict:
+    return {"status": status, "error_type": type(e).__name__, "error": str(e) or repr(e), **extra}
+
+
+def _rows(model: Any, text: str, s: dict[str, Any]) -> list[dict]:
+    analyses = s["analyses"]
+    tokens = lin_lens.to_tokens(model, text, s["prepend_bos"])
+    ids = tokens[0].tolist()
+    n = len(ids)
+    tgt = positions(s["pos"], n)
+    with torch.no_grad():
+        logits = model(tokens, return_type="logits")[0, tgt]  # [n_t, V]
+    probs = logits.double().softmax(-1)
+    top = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]))
+    pred = top.indices[:, 0]
+
+    lm = lin_lens.linear_map(model, tokens, s["hook"], tgt, source=s["source"], progress=False)
+    logit_map = None
+    if "contributions" in analyses:
+        onehot = torch.zeros_like(logits)
+        onehot[torch.arange(len(tgt)), pred] = 1
+        logit_map = lin_lens.linear_map(model, tokens, "logits", tgt, direction=onehot,
+                                        source=s["source"], progress=False)
+    ordinary = None
+    if "ordinary" in analyses:
+        try:
+            ordinary = ordinary_reconstruction(model, tokens, s["hook"], tgt)
+        except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
+            ordinary = lin_lens.linear_map(model, tokens, s["hook"], tgt, source=s["source"],
+                                           detach=False, check=False,
+                                           progress=False).reconstruct()
+
+    str_tokens = token_strings(model, ids, raw=True)
+    rows = []
+    for j, t in enumerate(tgt):
+        m = lm.at(j)
+        pid = int(pred[j])
+        row: dict[str, Any] = {
+            "target_pos": t, "n_tokens": n, "tokens": str_tokens, "token_ids": ids,
+            "prediction": token_strings(model, [pid], raw=True)[0], "prediction_id": pid,
+            "probability": float(top.values[j, 0]),
+            "top_tokens": token_strings(model, top.indices[j].tolist(), raw=True),
+            "top_ids": top.indices[j].tolist(), "top_probs": top.values[j].tolist(),
+            "relative_error": float(m.relative_error), "status": "ok",
+        }
+        if ordinary is not None:
+            row["relative_error_ordinary"] = relative_error(m.act.reshape(-1), ordinary[j])
+        if "decode" in analyses:
+            row.update(_decoded(model, m, s["k"], s["n_decode"], s["top"]))
+        elif "svd" in analyses:
+            row.update(_spectra(m, s["k"]))
+        if logit_map is not None:
+            c = logit_map.at(j)
+            row["logit"] = float(c.act.reshape(-1)[0])
+            row["contributions"] = c.contributions()[:, 0].double().tolist()
+            row["contribution_constant"] = float(c.constant.reshape(-1)[0])
+        rows.append(row)
+    return rows
+
+
+def _spectra(m: Any, k: int) -> dict:
+    per = lin_lens.svd(m, k)
+    st = lin_lens.svd(m, k, stacked=True)
+    return {"singular_values": per.S.double().tolist(),
+            "singular_values_stacked": st.S.double().tolist(),
+            "stable_rank": per.stable_rank.double().tolist(),
+            "stable_rank_stacked": float(st.stable_rank)}
+
+
+def _decoded(model: Any, m: Any, k: int, n_decode: int, top: int) -> dict:
+    d = lin_lens.decode(model, m, k=max(k, n_decode), top=top, n_rows=0)
+
+    def lists(tls: list, attr: str) -> list | None:
+        if not tls or tls[0] is None:
+            return None
+        return [list(getattr(t, attr)) for t in tls[:n_decode]]
+
+    return {
+        "singular_values": d.S[:, :k].double().tolist(),
+        "singular_values_stacked": d.stacked_S[:k].double().tolist(),
+        "stable_rank": d.stable_rank.double().tolist(),
+        "stable_rank_stacked": float(d.stacked_stable_rank),
+        "u_tokens": [lists(o, "tokens") for o in d.out],
+        "u_ids": [lists(o, "ids") for o in d.out],
+        "v_tokens": [lists(i, "tokens") for i in d.inp],
+        "v_ids": [lists(i, "ids") for i in d.inp],
+        "u_stacked_tokens": lists(d.stacked_out, "tokens"),
+        "u_stacked_ids": lists(d.stacked_out, "ids"),
+        "v_stacked_tokens": lists(d.stacked_in, "tokens"),
+        "v_stacked_ids": lists(d.stacked_in, "ids"),
+        "v_stacked_source": list(d.stacked_in_token[:n_decode]),
+    }

@@ -1,0 +1,77 @@
+"""Where prompts come from: a Python list, a ``.txt`` (one per line), a ``.jsonl`` (one field) or a
+Parquet file (one column); and the 100 short phrases shipped with lin_lens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def load_prompts(prompts: str | Path | Iterable[str], field: str = "text") -> list[str]:
+    """The prompts as a list of strings, in order.
+
+    Args:
+        prompts: a list (or any iterable) of strings, or the path of a ``.txt`` file (one prompt
+            per line; blank lines skipped), a ``.jsonl`` file (``field`` of each object) or a
+            ``.parquet`` file (column ``field``). ``"phrases"`` names the shipped 100 phrases.
+        field: the JSON field or Parquet column holding the text.
+    """
+    if isinstance(prompts, str) and prompts == "phrases":
+        return phrases()
+    if isinstance(prompts, (str, Path)):
+        return _from_file(Path(prompts), field)
+    out = list(prompts)
+    bad = [i for i, p in enumerate(out) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(out[bad[0]]).__name__}")
+    if not out:
+        raise ValueError("prompts is empty")
+    return out
+
+
+def _from_file(path: Path, field: str) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        out = [ln.rstrip("\r\n") for ln in path.read_text(encoding="utf-8").splitlines()]
+        out = [ln for ln in out if ln.strip()]
+    elif suffix == ".jsonl":
+        out = []
+        for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not ln.strip():
+                continue
+            obj = json.loads(ln)
+            if not isinstance(obj, dict) or field not in obj:
+                raise ValueError(f"{path}:{i}: no field {field!r} (pass field=...)")
+            out.append(_text(obj[field], f"{path}:{i}"))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise ValueError(f"{path}: no column {field!r}; columns: {table.column_names}")
+        out = [_text(v, f"{path} row {i}") for i, v in enumerate(table[field].to_pylist())]
+    else:
+        raise ValueError(f"prompts file {str(path)!r}: expected one of {', '.join(SUFFIXES)}")
+    if not out:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
+    return out
+
+
+def _text(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{where}: prompt must be a string, got {type(v).__name__}")
+    return v
+
+
+def phrases() -> list[str]:
+    """The 100 short phrases (2–4 words) shipped with lin_lens for population runs, in the spirit
+    of the paper's ("To see", "Will break", "The broken"); written for lin_lens."""
+    text = resources.files("lin_lens.corpus").joinpath("phrases.txt").read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]

@@ -1,0 +1,327 @@
+"""``attribution_graph``: the exact, pruned attribution graph of heads and neurons for one prompt.
+
+Cost: the rows of edges are batched backward passes through the cut network, one cotangent per
+receiving node. With pruning (the default) only the rows the pruning needs are computed: the
+targets' rows, then rows of the nodes with the highest influence so far, re-ranked after every
+few batches (circuit-tracer's order), up to ``max_nodes``; then the exact rows of the kept
+receivers, restricted to the kept nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._tl import LOGITS, model_dtype, requires_grad
+from lin_lens._tl import biases as nonzero_biases
+from lin_lens.errors import NotExactError
+from lin_lens.freeze import detached
+from lin_lens.graph import prune as P
+from lin_lens.graph.engine import Attributor, InvalidArgumentError
+from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
+from lin_lens.graph.result import AttributionGraph
+from lin_lens.maps import default_tolerance, to_tokens
+from lin_lens.progress import progress_bar
+
+DENSE_LIMIT = 20_000  # prune=False keeps an [N, N] adjacency: refuse beyond this many nodes
+
+
+def attribution_graph(
+    model: Any,
+    prompt: str | Sequence[int] | Tensor,
+    *,
+    target: int | Sequence[int] | Tensor | None = None,
+    pos: int = -1,
+    hook: str = LOGITS,
+    nodes: Sequence[str] = ("heads", "neurons"),
+    prune: bool = True,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    max_nodes: int | None = 1024,
+    batch_size: int = 128,
+    row_top_k: int = 2048,
+    check: bool = True,
+    tol: float | None = None,
+    progress: bool | None = None,
+    prepend_bos: bool | None = None,
+) -> AttributionGraph:
+    """The exact attribution graph of ``target`` for one prompt, in detached mode.
+
+    Nodes: the input token embeddings (by position), every constant origin (each nonzero bias
+    parameter, the positional embeddings by position), attention heads by (layer, head, query
+    position), MLP neurons by (layer, neuron, position) — or whole attention layers / MLPs by
+    (layer, position) when ``nodes`` leaves out ``"heads"`` / ``"neurons"`` — and the target(s).
+
+    Edge A → B: the direct linear effect of A's output on B's value in the detached network
+    (norm scales, attention patterns and MLP gates frozen): ``∂ value(B) / ∂ out(A) · out(A)``
+    with every other node's output held fixed. A head at query position q receives from nodes at
+    positions ≤ q through its value path. Values: a neuron's is its activation (``hook_post``);
+    a target's, the logit (or ``direction · act``); a head's, attention layer's or MLP's, its
+    output read along the total gradient of the objective ``J = Σ_k w_k target_k`` there, i.e.
+    its total effect on J (so an edge into a head is the part of A's effect on J that passes
+    through that head first). Every value is exactly the sum of its incoming edges over all
+    nodes (Euler's identity for the linear network); ``total_effect`` is each node's effect on J
+    over all paths, which is what zeroing its output with everything frozen changes J by.
+
+    Args:
+        model: ``HookedTransformer`` or ``TransformerBridge``.
+        prompt: text or token ids.
+        target: None (the top next-token logit at ``pos``), a token id or list of ids (logits;
+            weights = their probabilities, normalised), or a float direction on ``hook``
+            (e.g. ``W_U[:, a] - W_U[:, b]`` … on the logits: a logit difference).
+        pos: the target position (an int; nodes after it cannot affect it and are left out).
+        hook: ``"logits"`` or any hook with an exact linear map (e.g. a residual stream).
+        nodes: ``("heads", "neurons")`` by default; leave one out for whole layers.
+        prune: circuit-tracer's pruning; ``False`` keeps every node and edge (tiny models).
+        node_threshold, edge_threshold: cumulative influence kept (circuit-tracer's 0.8, 0.98).
+        max_nodes: at most this many receivers get their rows for the influence ranking
+            (None: all).
+        batch_size: receivers per batched backward pass.
+        row_top_k: entries per row kept for the influence ranking (exact rows are recomputed
+            for the kept nodes).
+        check, tol: refuse (:class:`lin_lens.NotExactError`) a graph whose targets are not the
+            sum of their incoming edges to ``tol`` (default: ``lin_lens.default_tolerance``).
+        progress: progress bars (default: only for long loops).
+        prepend_bos: passed to ``model.to_tokens`` for text.
+    """
+    t0 = time.perf_counter()
+    tokens = to_tokens(model, prompt, prepend_bos)
+    n = tokens.shape[1]
+    if isinstance(pos, bool) or not isinstance(pos, int):
+        raise InvalidArgumentError(f"pos={pos!r}: the target position must be one int")
+    if not -n <= pos < n:
+        raise InvalidArgumentError(f"pos={pos} out of range for a prompt of {n} tokens")
+    pos %= n
+    nodes = (nodes,) if isinstance(nodes, str) else tuple(nodes)
+    if not nodes or set(nodes) - {"heads", "neurons"}:
+        raise InvalidArgumentError(f"nodes={nodes!r}: give 'heads' and/or 'neurons'")
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= v <= 1.0:
+            raise InvalidArgumentError(f"{name}={v!r} must be in [0, 1]")
+    if max_nodes is not None and max_nodes < 1 or batch_size < 1 or row_top_k < 1:
+        raise InvalidArgumentError(
+            f"max_nodes={max_nodes!r}, batch_size={batch_size!r}, row_top_k={row_top_k!r} "
+            "must be positive")
+    strs = _str_tokens(model, tokens)
+    biases = nonzero_biases(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(detached(model))
+        stack.enter_context(requires_grad(biases, True))
+        stack.enter_context(torch.enable_grad())
+        att = Attributor(model, tokens, target, hook, pos, "heads" in nodes, "neurons" in nodes,
+                         biases, lambda i: _decode(model, i))
+        if prune:
+            part = _pruned(att, node_threshold, edge_threshold, max_nodes, batch_size,
+                           row_top_k, progress)
+        else:
+            part = _full(att, batch_size, progress)
+    rows_done = part.pop("rows")
+    graph = _assemble(model, att, tokens, strs, prompt, **part)
+    graph.meta.update(
+        prune=prune, node_threshold=node_threshold, edge_threshold=edge_threshold,
+        max_nodes=max_nodes, row_top_k=row_top_k, n_candidates=att.space.size,
+        rows_computed=rows_done, seconds=round(time.perf_counter() - t0, 3))
+    if check:
+        bound = tol if tol is not None else default_tolerance(model_dtype(model))
+        if not graph.relative_error <= bound:
+            raise NotExactError(graph, bound)
+    return graph
+
+
+def _batches(idx: Tensor, size: int):
+    for i in range(0, len(idx), size):
+        yield idx[i:i + size]
+
+
+def _target_weights(att: Attributor) -> Tensor:
+    w = torch.zeros(att.space.size, dtype=torch.float64)
+    t = att.space.targets
+    w[t.start:t.stop] = att.target.weights.detach().double().cpu()
+    return w
+
+
+def _full(att: Attributor, batch_size: int, progress: bool | None):
+    """Every row of every receiver: the complete graph (tiny models)."""
+    space = att.space
+    if space.size > DENSE_LIMIT:
+        raise InvalidArgumentError(
+            f"prune=False keeps the whole [{space.size}, {space.size}] adjacency; use "
+            f"prune=True (or fewer node kinds) for more than {DENSE_LIMIT} nodes")
+    recv = space.receiver_mask().nonzero().flatten()
+    A = att.T.new_zeros((space.size, space.size))
+    bar = progress_bar(len(recv), "attribution rows", progress, unit="row")
+    try:
+        for chunk in _batches(recv, batch_size):
+            A[chunk.to(A.device), :space.n_senders] = att.rows(chunk)["dense"]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    infl = P.influence_dense(P.normalize_abs(A.double().cpu()), _target_weights(att))
+    return {"sel": torch.arange(space.size), "A": A, "edge": A != 0, "infl": infl,
+            "full_in": A.sum(-1), "rows": len(recv)}
+
+
+def _pruned(att: Attributor, node_threshold: float, edge_threshold: float,
+            max_nodes: int | None, batch_size: int, top_k: int, progress: bool | None):
+    space = att.space
+    N, Ns = space.size, space.n_senders
+    w = _target_weights(att)
+    recv = space.receiver_mask()
+    targets = torch.arange(space.targets.start, space.targets.stop)
+    recv[targets] = False
+    budget = int(recv.sum()) if max_nodes is None else min(max_nodes, int(recv.sum()))
+    k = min(top_k, Ns)
+    row_nodes, cols, vals = [], [], []
+
+    def visit(chunk: Tensor) -> None:
+        r = att.rows(chunk, top_k=k)
+        row_nodes.append(chunk)
+        cols.append(r["cols"].cpu())
+        vals.append((r["vals"].abs() / r["abs_sum"][:, None].clamp_min(1e-30)).double().cpu())
+
+    def influence() -> Tensor:
+        return P.influence_sparse(torch.cat(row_nodes), torch.cat(cols), torch.cat(vals), w)
+
+    visited = torch.zeros(N, dtype=torch.bool)
+    visit(targets)
+    bar = progress_bar(budget, "attribution rows", progress, unit="row")
+    try:
+        done = 0
+        while done < budget:
+            score = influence()
+            score[~recv | visited] = 0
+            pending = torch.argsort(score, descending=True)[: min(4 * batch_size, budget - done)]
+            pending = pending[score[pending] > 0]
+            if not len(pending):
+                break
+            # sorted by node id = by layer, so a batch's backward pass goes no deeper than needed
+            for chunk in _batches(pending.sort().values, batch_size):
+                visit(chunk)
+                visited[chunk] = True
+                done += len(chunk)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    infl = influence()
+    source = torch.zeros(N, dtype=torch.bool)
+    for b in space.blocks:
+        if b.kind in SOURCES:
+            source[b.start:b.stop] = True
+    kept = infl >= P.find_threshold(infl, node_threshold)
+    kept &= visited | source  # a receiver without its row has no incoming edges
+    kept[space.blocks[0].start:space.blocks[0].stop] = True  # token embeddings
+    kept[targets] = True
+    sel = kept.nonzero().flatten()
+    # exact rows of the kept receivers, restricted to the kept nodes
+    A = att.T.new_zeros((len(sel), len(sel)))
+    full_in = att.T.new_full((len(sel),), float("nan"))
+    is_recv = ~source[sel]
+    senders = sel[sel < Ns]  # sorted; the kept targets come last and send nothing
+    where = is_recv.nonzero().flatten()
+    bar = progress_bar(len(where), "kept rows", progress, unit="row")
+    try:
+        for chunk in _batches(where, batch_size):
+            r = att.rows(sel[chunk], select=senders)
+            cd = chunk.to(A.device)
+            A[cd, :len(senders)] = r["select"]
+            full_in[cd] = r["total"]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    always = torch.zeros(len(sel), dtype=torch.bool)
+    always[(sel < space.blocks[0].stop) | (sel >= space.targets.start)] = True
+    edge, node = P.prune_edges(A.double().cpu(), w[sel], always, is_recv & ~always,
+                               edge_threshold)
+    keep = node.nonzero().flatten()
+    kd = keep.to(A.device)
+    return {"sel": sel[keep], "A": A[kd][:, kd], "edge": edge[keep][:, keep], "infl": infl,
+            "full_in": full_in[kd], "rows": len(targets) + int(visited.sum()) + len(where)}
+
+
+def _assemble(model, att: Attributor, tokens: Tensor, strs: list[str], prompt: Any,
+              sel: Tensor, A: Tensor, edge: Tensor, infl: Tensor, full_in: Tensor
+              ) -> AttributionGraph:
+    space = att.space
+    desc = space.describe(tokens[0], att.target.ids or list(range(len(att.T))))
+    kind = desc["kind"][sel]
+    recv = torch.tensor([KINDS[k] not in SOURCES for k in kind.tolist()])
+    full_in = torch.where(recv.to(full_in.device), full_in, float("nan"))
+    readouts = {}
+    for i, g in enumerate(sel.tolist()):
+        b = space.block_of(g)
+        if b.kind in TOTAL_VALUED:
+            local = g - b.start
+            d = att.dirs[b.source][0]
+            readouts[i] = (d[divmod(local, space.n_heads)] if b.kind == "head" else d[local]) \
+                .detach().clone()
+    bias_names = att.bias_labels()
+    t0 = space.targets.start
+    labels = [_label(KINDS[k], int(desc["layer"][g]), int(desc["pos"][g]),
+                     g - t0 if KINDS[k] == "target" else int(desc["index"][g]), strs,
+                     att.target.labels, bias_names)
+              for k, g in zip(kind.tolist(), sel.tolist(), strict=True)]
+    t = att.target
+    return AttributionGraph(
+        node_ids=sel, kind=kind, layer=desc["layer"][sel], pos=desc["pos"][sel],
+        index=desc["index"][sel], labels=labels,
+        value=att.value[sel.to(att.value.device)].detach(),
+        total_effect=att.total_effect[sel.to(att.value.device)].detach(),
+        influence=infl[sel].float(), cumulative=P.cumulative_scores(infl)[sel].float(),
+        adjacency=A.detach(), edge_mask=edge.to(A.device), incoming_total=full_in.detach(),
+        readouts=readouts, tokens=tokens[0].detach().cpu(), str_tokens=strs,
+        prompt=prompt if isinstance(prompt, str) else "".join(strs),
+        target={"hook": t.hook, "pos": t.pos, "ids": t.ids, "direction": t.direction,
+                "labels": t.labels, "weights": t.weights.detach(),
+                "probs": None if t.probs is None else t.probs.detach(),
+                "value": att.T.detach(), "value_from_leaves": att.T_cut.detach()},
+        meta={"model": _model_name(model),
+              "backend": type(model).__name__, "n_layers": model.cfg.n_layers,
+              "n_heads": model.cfg.n_heads, "d_mlp": model.cfg.d_mlp,
+              "d_vocab": model.cfg.d_vocab,
+              "bias_names": bias_names, "bias_params": list(space.biases),
+              "dtype": str(att.T.dtype).replace("torch.", "")})
+
+
+def _label(kind: str, layer: int, pos: int, index: int, strs: list[str], target_labels: list[str],
+           bias_names: list[str]) -> str:
+    if kind == "embed":
+        return f"emb@{pos} {strs[pos]!r}"
+    if kind == "pos_embed":
+        return f"pos@{pos}"
+    if kind == "bias":
+        return bias_names[index]
+    if kind == "head":
+        return f"L{layer}H{index}@{pos}"
+    if kind == "attn":
+        return f"L{layer}.attn@{pos}"
+    if kind == "neuron":
+        return f"L{layer}N{index}@{pos}"
+    if kind == "mlp":
+        return f"L{layer}.mlp@{pos}"
+    return f"logit {target_labels[index]!r}" if not target_labels[index].startswith(
+        "direction") else target_labels[index]
+
+
+def _model_name(model: Any) -> str:
+    """lin_lens.load_model's name (e.g. "smollm2-135m"), else the config's model name."""
+    info = getattr(model, "lin_lens_info", None)
+    if isinstance(info, dict) and info.get("name"):
+        return str(info["name"])
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def _decode(model: Any, i: int) -> str:
+    tok = getattr(model, "tokenizer", None)
+    try:
+        return tok.decode([i]) if tok is not None else f"#{i}"
+    except Exception:  # noqa: BLE001 - a label only
+        return f"#{i}"
+
+
+def _str_tokens(model: Any, tokens: Tensor) -> list[str]:
+    return [_decode(model, int(i)) for i in tokens[0].tolist()]

@@ -1,0 +1,246 @@
+"""``AttributionGraph``: the kept nodes, their exact values and the exact edges between them."""
+
+from __future__ import annotations
+
+import heapq
+import html
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens.graph.nodes import KINDS, SOURCES
+
+_TENSORS = ("node_ids", "kind", "layer", "pos", "index", "value", "total_effect", "influence",
+            "cumulative", "adjacency", "edge_mask", "incoming_total", "tokens")
+
+
+class AttributionGraph:
+    """An exact attribution graph of one prompt (see :func:`lin_lens.attribution_graph`).
+
+    Nodes ``0 … K-1`` (topological order: sources, then layer by layer, targets last):
+    ``labels[i]``, ``kinds[i]`` ∈ {embed, pos_embed, bias, head, attn, neuron, mlp, target},
+    ``layer`` (-1 for the input, ``n_layers`` for final biases and targets), ``pos`` (-1: a bias,
+    which acts at every position), ``index`` (head, neuron, token id of an embedding or logit).
+
+    ``adjacency[b, a]`` is the exact edge a → b (all kept pairs, ``[K, K]``); ``edge_mask`` marks
+    the edges kept by pruning. ``value``: each node's scalar value; ``incoming_total``: the sum of
+    its incoming edges over *every* node of the full graph (NaN for sources), equal to ``value``
+    to rounding; the part from pruned nodes is ``value - adjacency.sum(1)``. ``total_effect``:
+    effect on the objective J over all paths. ``influence``: circuit-tracer's influence on the
+    targets; ``cumulative``: its cumulative share (the JSON's ``influence``). ``readouts[i]``: for
+    head / attention / MLP nodes, the vector (∂J/∂output) their value reads their output with.
+    """
+
+    def __init__(self, *, node_ids: Tensor, kind: Tensor, layer: Tensor, pos: Tensor,
+                 index: Tensor, labels: list[str], value: Tensor, total_effect: Tensor,
+                 influence: Tensor, cumulative: Tensor, adjacency: Tensor, edge_mask: Tensor,
+                 incoming_total: Tensor, readouts: dict[int, Tensor], tokens: Tensor,
+                 str_tokens: list[str], prompt: str, target: dict, meta: dict):
+        self.node_ids, self.kind, self.layer = node_ids, kind, layer
+        self.pos, self.index, self.labels = pos, index, labels
+        self.value, self.total_effect = value, total_effect
+        self.influence, self.cumulative = influence, cumulative
+        self.adjacency, self.edge_mask, self.incoming_total = adjacency, edge_mask, incoming_total
+        self.readouts, self.tokens = readouts, tokens
+        self.str_tokens, self.prompt = str_tokens, prompt
+        self.target, self.meta = target, meta
+
+    # -- basic facts ------------------------------------------------------------------------
+    @property
+    def kinds(self) -> list[str]:
+        return [KINDS[k] for k in self.kind.tolist()]
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_mask.sum())
+
+    @property
+    def hook(self) -> str:
+        return self.target["hook"]
+
+    @property
+    def targets(self) -> list[int]:
+        return [i for i, k in enumerate(self.kinds) if k == "target"]
+
+    @property
+    def relative_error(self) -> float:
+        """How far the targets are from the sum of their incoming edges: ‖T − Σ‖ / ‖T‖."""
+        t = torch.tensor(self.targets)
+        v, s = self.value[t].double(), self.incoming_total[t].double()
+        den = torch.linalg.vector_norm(v)
+        num = torch.linalg.vector_norm(v - s)
+        return float(num / den) if float(den) > 0 else float(num)
+
+    def node_errors(self) -> dict[str, float]:
+        """Per receiving kind: ‖value − incoming_total‖ / ‖value‖ over the kept nodes."""
+        out = {}
+        kinds = self.kinds
+        for k in sorted(set(kinds) - set(SOURCES)):
+            idx = torch.tensor([i for i, kk in enumerate(kinds) if kk == k])
+            v, s = self.value[idx].double(), self.incoming_total[idx].double()
+            den = float(torch.linalg.vector_norm(v))
+            out[k] = float(torch.linalg.vector_norm(v - s)) / den if den > 0 else 0.0
+        return out
+
+    def target_values(self, act: Tensor) -> Tensor:
+        """The targets ``[k]`` read from an activation ``[1, pos, ...]`` at the target hook."""
+        row = act[0, self.target["pos"]].reshape(-1)
+        if self.target["ids"] is not None:
+            return row[self.target["ids"]]
+        return (row * self.target["direction"].to(row)).sum().reshape(1)
+
+    def index_of(self, key: int | str) -> int:
+        """A node by local index, label (``"L3H5@7"``) or circuit-tracer node id."""
+        if isinstance(key, int):
+            if not -self.n_nodes <= key < self.n_nodes:
+                raise IndexError(f"node {key} out of range ({self.n_nodes} nodes)")
+            return key % self.n_nodes
+        if key in self.labels:
+            return self.labels.index(key)
+        from lin_lens.graph.export import json_node_ids
+
+        ids = json_node_ids(self)
+        if key in ids:
+            return ids.index(key)
+        close = [lab for lab in self.labels if key.split("@")[0] in lab][:5]
+        raise KeyError(f"no node {key!r} in this graph ({self.n_nodes} kept nodes)"
+                       + (f"; similar: {', '.join(close)}" if close else ""))
+
+    # -- edges and paths --------------------------------------------------------------------
+    def edges(self, top: int | None = None) -> list[tuple[str, str, float]]:
+        """Kept edges (source label, target label, weight), strongest first."""
+        dst, src = self.edge_mask.nonzero(as_tuple=True)
+        w = self.adjacency[dst, src]
+        order = w.abs().argsort(descending=True)[:top]
+        return [(self.labels[int(src[i])], self.labels[int(dst[i])], float(w[i])) for i in order]
+
+    def incoming(self, node: int | str) -> list[tuple[str, float]]:
+        i = self.index_of(node)
+        src = self.edge_mask[i].nonzero().flatten()
+        w = self.adjacency[i, src]
+        return [(self.labels[int(s)], float(x)) for s, x in
+                sorted(zip(src, w, strict=True), key=lambda p: -abs(float(p[1])))]
+
+    def outgoing(self, node: int | str) -> list[tuple[str, float]]:
+        i = self.index_of(node)
+        dst = self.edge_mask[:, i].nonzero().flatten()
+        w = self.adjacency[dst, i]
+        return [(self.labels[int(d)], float(x)) for d, x in
+                sorted(zip(dst, w, strict=True), key=lambda p: -abs(float(p[1])))]
+
+    def top_paths(self, k: int = 5, through: str | None = None) -> list[tuple[float, list[str]]]:
+        """The ``k`` strongest source → target paths over kept edges.
+
+        A path's strength is the product of its edges' shares of their receiver's incoming
+        ``|edges|`` (times the target's weight): the terms whose sum is circuit-tracer's
+        influence. ``through``: only paths through a node of this kind (e.g. ``"neuron"``).
+        """
+        A = self.adjacency.abs().double().cpu() * self.edge_mask.cpu()
+        share = A / A.sum(1, keepdim=True).clamp_min(1e-300)
+        w = torch.zeros(self.n_nodes, dtype=torch.float64)
+        w[torch.tensor(self.targets)] = self.target["weights"].double().cpu()
+        kinds = self.kinds
+        dst, src = share.nonzero(as_tuple=True)
+        out: list[list[tuple[int, float]]] = [[] for _ in range(self.n_nodes)]
+        for d, a, x in zip(dst.tolist(), src.tolist(), share[dst, src].tolist(), strict=True):
+            out[a].append((d, x))
+        # best[flag][v]: the k strongest paths v → target, flag = already through the kind
+        best: list[list[list[tuple[float, tuple[int, ...]]]]] = [
+            [[] for _ in range(self.n_nodes)] for _ in range(2)]
+        for v in reversed(range(self.n_nodes)):
+            hit = through is None or kinds[v] == through
+            cands: list[list[tuple[float, tuple[int, ...]]]] = [[], []]
+            if w[v] > 0:
+                cands[hit].append((float(w[v]), (v,)))
+            for u, x in out[v]:
+                for flag in (0, 1):
+                    cands[flag or hit] += [(x * sc, (v, *p)) for sc, p in best[flag][u]]
+            for flag in (0, 1):
+                best[flag][v] = heapq.nlargest(k, cands[flag], key=lambda c: c[0])
+        paths = [c for i in range(self.n_nodes) if kinds[i] in SOURCES for c in best[1][i]]
+        return [(sc, [self.labels[j] for j in p])
+                for sc, p in heapq.nlargest(k, paths, key=lambda c: c[0])]
+
+    # -- interventions, export, display -------------------------------------------------------
+    def ablate(self, model: Any, node: int | str, receiver: int | str | None = None):
+        """Zero ``node``'s output and measure the change (see :func:`lin_lens.graph.ablate`)."""
+        from lin_lens.graph.intervene import ablate
+
+        return ablate(model, self, node, receiver)
+
+    def save_json(self, path: str | Path, slug: str | None = None, **kw: Any) -> Path:
+        """circuit-tracer's graph file (schema version 1); see :mod:`lin_lens.graph.export`."""
+        from lin_lens.graph.export import save_json
+
+        return save_json(self, path, slug, **kw)
+
+    def to_html(self, **kw: Any) -> str:
+        from lin_lens.graph.view import graph_page
+
+        return graph_page(self, **kw)
+
+    def save_html(self, path: str | Path, **kw: Any) -> Path:
+        path = Path(path)
+        path.write_text(self.to_html(**kw), encoding="utf-8")
+        return path
+
+    def _repr_html_(self) -> str:
+        from lin_lens.graph.view import graph_fragment
+
+        return graph_fragment(self)
+
+    # -- persistence --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+    def save(self, path: str | Path) -> Path:
+        """``torch.save`` of every field (load with :meth:`load`)."""
+        path = Path(path)
+        torch.save({"format": "lin_lens.AttributionGraph", "version": 1, **self.state()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = "cpu") -> AttributionGraph:
+        d = torch.load(path, map_location=map_location, weights_only=False)
+        if d.pop("format", None) != "lin_lens.AttributionGraph":
+            raise ValueError(f"{path}: not a saved lin_lens AttributionGraph")
+        d.pop("version", None)
+        return cls(**d)
+
+    def to(self, device: Any) -> AttributionGraph:
+        """Move every tensor to ``device`` (in place; returns self)."""
+        for k in _TENSORS:
+            setattr(self, k, getattr(self, k).to(device))
+        self.readouts = {i: v.to(device) for i, v in self.readouts.items()}
+        self.target = {k: v.to(device) if isinstance(v, Tensor) else v
+                       for k, v in self.target.items()}
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for k in self.kinds:
+            counts[k] = counts.get(k, 0) + 1
+        return {"prompt": self.prompt, "target": ", ".join(self.target["labels"]),
+                "target value": [round(float(v), 6) for v in self.target["value"]],
+                "nodes": counts, "edges": self.n_edges,
+                "relative error": self.relative_error,
+                "candidate nodes": self.meta.get("n_candidates"),
+                "rows computed": self.meta.get("rows_computed"),
+                "seconds": self.meta.get("seconds")}
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"AttributionGraph({s['target']!r} at pos {self.target['pos']}: {self.n_nodes} "
+                f"nodes, {self.n_edges} edges, relative error {s['relative error']:.1e})")
+
+    def summary_html(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in self.summary().items())
+        return f"<table><caption>AttributionGraph</caption>{rows}</table>"
