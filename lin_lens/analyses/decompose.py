@@ -315,7 +315,8 @@ def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layer
         mlp = linear_map(model, tokens, f"blocks.{layer}.hook_mlp_out", t, **kw)
         ops[f"L{layer}.mlp"] = proj(mlp.J)
         # the map's own constants (computed independently of act − J x), minus b_out's own part
-        c = {k: v for k, v in mlp.constant_by_origin.items() if k != f"blocks.{layer}.mlp.b_out"}
+        own = _param_name(model, getattr(model.blocks[layer].mlp, "b_out", None))
+        c = {k: v for k, v in mlp.constant_by_origin.items() if k != own}
         consts[f"L{layer}.mlp"] = proj_v(sum(c.values(), torch.zeros_like(mlp.act)))
     for lab, part in zip(dec.labels, dec.parts, strict=True):
         if lab not in ops:  # positions and biases: constant parts
@@ -323,3 +324,12 @@ def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layer
                                    device=part.device)
             consts[lab] = part.clone()
     dec.operators, dec.constants = ops, consts
+
+
+def _param_name(model: Any, param: Any) -> str | None:
+    """The ``named_parameters`` name of ``param`` (the origin name a map uses for it: TL's
+    ``blocks.L.mlp.b_out`` on a HookedTransformer, Hugging Face's on a Bridge)."""
+    if not isinstance(param, Tensor):
+        return None
+    return next((n for n, p in model.named_parameters()
+                 if p.data_ptr() == param.data_ptr() and p.shape == param.shape), None)

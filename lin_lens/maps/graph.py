@@ -130,12 +130,12 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
                     hs.add(origin, leaf(origin))
         if record is not None:
             record(hs)
-        cuts = cut_hooks(model) if detach else set()
+        cuts = {canonical(model, c) for c in cut_hooks(model)} if detach else set()
         for h in targets:
             if h == LOGITS:
                 hs.add_module_hook(model.unembed, unembed_in, pre=True)
             else:  # before a cut: the live activation (e.g. a gated MLP's gate pre-activation)
-                hs.add(h, grab, prepend=h in cuts)
+                hs.add(h, grab, prepend=canonical(model, h) in cuts)
         inner.enter_context(torch.enable_grad() if grad else torch.no_grad())
         try:
             out = model(tokens, return_type="logits")

@@ -20,25 +20,10 @@ HEAVY = ["gpt2", "gemma"]  # fewer families for the tests that compute maps
 # computes in float32 even in a float64 model; asserted bound relative to the largest value.
 BRIDGE_FORWARD = 1e-5
 
-# Possible lin_lens bugs on the Bridge, each checked strictly (an XPASS fails: drop the mark).
-B_OUT_NAME = pytest.mark.xfail(strict=True, reason=(
-    "lin_lens bug on Bridges with MLP biases: decompose(operators=True) drops b_out from "
-    "L{l}.mlp's constant by its HookedTransformer origin name 'blocks.{l}.mlp.b_out'; a Bridge's "
-    "origin is the HF parameter (...mlp.c_proj.bias), so b_out is counted twice"))
-
-
-def _known_bug(request, backend: str, arch: str, hook: str, operators: bool = False) -> None:
-    if backend != "bridge":
-        return
-    if operators and arch == "gpt2":
-        request.applymarker(B_OUT_NAME)
-
-
 @pytest.mark.parametrize("hook", ["logits", "ln_final.hook_normalized",
                                   "blocks.1.hook_resid_pre", "blocks.0.hook_resid_post"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_parts_sum_to_target(arch, backend, hook, request):
-    _known_bug(request, backend, arch, hook)
+def test_parts_sum_to_target(arch, backend, hook):
     model = tiny(arch, backend)
     d = decompose(model, TOKENS, hook, pos=-1)
     assert d.relative_error < 1e-13
@@ -75,8 +60,7 @@ def test_matches_transformer_lens_decompose_resid(arch, backend):
 
 @pytest.mark.parametrize("hook", ["logits", "blocks.1.hook_resid_mid"])
 @pytest.mark.parametrize("arch", HEAVY)
-def test_component_operators_sum_to_the_whole_map(arch, backend, hook, request):
-    _known_bug(request, backend, arch, hook, operators=True)
+def test_component_operators_sum_to_the_whole_map(arch, backend, hook):
     model = tiny(arch, backend)
     d = decompose(model, TOKENS, hook, pos=-1, operators=True)
     lm = lin_lens.linear_map(model, TOKENS, hook, pos=-1)
@@ -89,8 +73,7 @@ def test_component_operators_sum_to_the_whole_map(arch, backend, hook, request):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decomposition_object(arch, backend, request):
-    _known_bug(request, backend, arch, "logits")
+def test_decomposition_object(arch, backend):
     model = tiny(arch, backend)
     d = decompose(model, TOKENS, "logits", pos=3, out_index=[4, 9])
     assert d.act.shape == (2,) and d.position == 3

@@ -90,7 +90,7 @@ def test_failures_are_rows(model, tmp_path):
     path = corpus.run(model, ["w1", "w2 w3 w4"], tmp_path / "run2", pos=2, progress=False)
     rows = corpus.read(path).to_pylist()
     assert [r["status"] for r in rows] == ["error", "ok"]
-    assert rows[0]["error_type"] == "IndexError" and "out of range" in rows[0]["error"]
+    assert rows[0]["error_type"] == "InvalidPositionError" and "out of range" in rows[0]["error"]
 
 
 def test_unfrozen_nonlinearity_is_a_not_exact_row(model, tmp_path):

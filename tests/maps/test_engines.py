@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lin_lens
 from lin_lens import linear_map, operators_at_hooks
 from lin_lens.maps import layer_sweep_hooks
 from lin_lens.maps.forward import choose_engine
@@ -18,12 +17,6 @@ SOLU = requires_hooked("the SoLU family is an act_fn override of a tiny HookedTr
 # with a LayerNorm inside the MLP) takes its columns from the graph.
 ENGINE = {"hooked": "forward", "bridge": "forward (graph)"}
 GATED = ("llama", "gemma", "qwen3")
-GATE_BUG = pytest.mark.xfail(
-    strict=True, raises=(RuntimeError, lin_lens.NotExactError),
-    reason="lin_lens bug: the forward (graph) engine on a Bridge cannot give a gated MLP's "
-    "mlp.hook_pre (gate.hook_out) column: alone 'element 0 of tensors does not require grad', "
-    "with other hooks NotExactError (relative error 1); the reverse engine is exact there")
-
 
 def _tokens(n: int = 6, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -37,8 +30,6 @@ def _gated(model) -> bool:
 def _extra_hooks(model, backend: str) -> list[str]:
     extra = ["blocks.1.mlp.hook_pre", "blocks.0.attn.hook_z", "blocks.1.hook_resid_mid",
              "blocks.0.mlp.hook_post", "blocks.1.attn.hook_v"]
-    if backend == "bridge" and _gated(model):  # the gate: test_forward_engine_at_the_gate
-        extra.remove("blocks.1.mlp.hook_pre")
     return [h for h in extra if h in model.hook_dict]
 
 
@@ -68,8 +59,7 @@ def test_forward_equals_reverse(arch, backend, pos):
     _assert_forward_equals_reverse(model, hooks, pos, ENGINE[backend])
 
 
-@pytest.mark.parametrize("arch,backend", [
-    pytest.param(a, b, marks=GATE_BUG if b == "bridge" else ()) for a in GATED for b in BACKENDS])
+@pytest.mark.parametrize("arch,backend", [(a, b) for a in GATED for b in BACKENDS])
 def test_forward_engine_at_the_gate(arch, backend):
     """A gated MLP's hook_pre is the gate's pre-activation: linear once the norm is frozen."""
     model = tiny(arch, backend)
