@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens._tl import LOGITS, model_dtype
-from lin_lens.errors import InvalidArgumentError
+from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.maps import budget
 from lin_lens.maps.graph import batched_grad, detached_forward
 from lin_lens.maps.readout import Readout
@@ -110,6 +110,14 @@ def top_singular(model: Any, req: MapRequest, k: int = 16, *, block: int | None 
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidArgumentError(f"k must be a positive int, got {k!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise InvalidArgumentError(f"block must be a positive int or None, got {block!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InvalidArgumentError(f"tol must be a positive finite number, got {tol!r}")
+    if model_dtype(model) not in (torch.float32, torch.float64):
+        raise UnsupportedFeatureError(
+            f"top_singular runs its Lanczos algebra (QR, SVD) in the model's dtype, which must be "
+            f"float32 or float64, not {model_dtype(model)}; convert the model (model.float())")
     tokens, n = req.tokens, req.n
     block = int(block or (1 if n >= 32 else min(k, 8)))
     guard = max(2, k // 4) if guard is None else int(guard)
@@ -134,6 +142,10 @@ def top_singular(model: Any, req: MapRequest, k: int = 16, *, block: int | None 
         d_in = x[0, 0].numel()
         N = (p + 1) * d_in
         d_space = y.shape[-1]
+        if k > min(d_space, N):
+            raise InvalidArgumentError(
+                f"k={k} exceeds the operator's rank bound min(d_out, n_src·d_in) = "
+                f"{min(d_space, N)} at position {p}")
         # Jᵀu as a differentiable function of a dummy u: linear in u, so its VJP is J.
         u0 = torch.zeros_like(y, requires_grad=True)
         JTu, = torch.autograd.grad(y, x, u0, create_graph=True)
@@ -152,6 +164,10 @@ def top_singular(model: Any, req: MapRequest, k: int = 16, *, block: int | None 
         res_k = _block_lanczos(jvp, vjp, N, d_space, k, block, tol, vec_tol, m_max, seed,
                                dtype, req.progress, guard)
     U, S_k, right, info = res_k
+    if len(S_k) < k:
+        raise InvalidArgumentError(
+            f"only {len(S_k)} of the k={k} singular values are resolvable in {dtype} (the rest "
+            "are below 1e3·eps·σ₁ or the operator is zero there); ask for fewer")
     Vfull = torch.zeros(n * d_in, right.shape[1], dtype=dtype, device=right.device)
     Vfull[:N] = right
     info.update(block=block, tol=tol, vec_tol=vec_tol, guard=guard,
@@ -201,6 +217,10 @@ def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: floa
                 n_vjp += Uj.shape[1]
                 Us.append(Uj)
                 JTUs.append(Z)
+            if not Us:
+                raise InvalidArgumentError(
+                    "the operator is zero or not finite here (J·v has no usable direction for "
+                    "a random v): no singular values to find")
             Ucat, Vcat = torch.cat(Us, 1), torch.cat(Vs, 1)
             complete = Ucat.shape[1] >= d_space
             exhausted = not Uj.shape[1]  # J·V_j ⊆ span(U): U holds the range J reaches

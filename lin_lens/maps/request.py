@@ -20,6 +20,7 @@ from lin_lens.errors import (
     InvalidArgumentError,
     InvalidPositionError,
     NotLinearError,
+    UnsupportedFeatureError,
 )
 from lin_lens.freeze import in_functorch_transform, is_detached
 from lin_lens.maps import budget
@@ -116,6 +117,10 @@ def check_hook(model: Any, hook: str, role: str) -> None:
         return
     resolve_hook(model, hook)
     leaf = hook.rsplit(".", 1)[-1]
+    if leaf == "hook_attn_in" and getattr(model.cfg, "n_key_value_heads", None):
+        raise UnsupportedFeatureError(
+            f"{hook!r} needs cfg.use_attn_in, which TransformerLens does not support with "
+            "grouped-query attention; use hook_q_input / hook_k_input / hook_v_input")
     if leaf in NOT_LINEAR:
         raise NotLinearError(f"no exact linear map at {hook!r}: {NOT_LINEAR[leaf]}")
 

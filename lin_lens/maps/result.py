@@ -56,6 +56,7 @@ class LinearMap:
         self.hook, self.source, self.positions = hook, source, list(positions)
         self.out_shape, self.out_index, self.direction = tuple(out_shape), out_index, direction
         self.tokens, self.detached, self.int_pos = tokens, detached, int_pos
+        self.error_scale: Tensor | None = None  # |u|ᵀ|act| per target, for direction maps
         self.meta: dict[str, Any] = {}
 
     # -- the contract ------------------------------------------------------------------------
@@ -98,9 +99,10 @@ class LinearMap:
         """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access.
 
         For a ``direction=`` map (one scalar ``uᵀact`` per target, which can be near 0 for a
-        logit difference of near-duplicate tokens) the denominator is the scale of the sum
-        instead, ``max(|act|, Σ_i |J_i x_i| + Σ_o |c_o|)``: a well-conditioned measure that still
-        flags any unfrozen nonlinearity."""
+        logit difference of near-duplicate tokens) the denominator is the scale the scalar was
+        computed at instead, ``max(|uᵀact|, |u|ᵀ|act|, Σ_i |J_i x_i| + Σ_o |c_o|)``: the rounding
+        of ``uᵀact`` itself, a well-conditioned measure that still flags any unfrozen
+        nonlinearity."""
         err = relative_error(self.act, self.reconstruct())
         if self.direction is None or tuple(self.out_shape) != (1,):
             return err
@@ -109,6 +111,8 @@ class LinearMap:
         for v in self.constants.values():
             parts = parts + v.abs().reshape(-1)
         scale = torch.maximum(act.abs(), parts.to(torch.float64))
+        if self.error_scale is not None:
+            scale = torch.maximum(scale, self.error_scale.reshape(-1).to(torch.float64))
         num = torch.linalg.vector_norm(act - self.reconstruct().reshape(-1).to(torch.float64))
         den = torch.linalg.vector_norm(scale)
         return float(num / den) if float(den) > 0 else err
@@ -143,6 +147,7 @@ class LinearMap:
                         [self.positions[k]], self.out_shape, self.out_index,
                         None if self.direction is None else self.direction[k:k + 1],
                         self.tokens, self.detached, True)
+        sub.error_scale = None if self.error_scale is None else self.error_scale[k:k + 1]
         sub.meta = dict(self.meta)
         return sub
 
@@ -190,6 +195,7 @@ class LinearMap:
             "direction": None if self.direction is None else self.direction.detach().cpu(),
             "tokens": None if self.tokens is None else self.tokens.detach().cpu(),
             "detached": self.detached, "int_pos": self.int_pos,
+            "error_scale": None if self.error_scale is None else self.error_scale.detach().cpu(),
             "meta": {k: v for k, v in self.meta.items()
                      if isinstance(v, (str, int, float, bool, list, tuple, dict))},
         }
@@ -210,6 +216,7 @@ class LinearMap:
         lm = cls(s["J"], s["x"], s["act"], s["constants"], s["hook"], s["source"],
                  s["positions"], s["out_shape"], s.get("out_index"), s.get("direction"),
                  s.get("tokens"), s.get("detached", True), s.get("int_pos", False))
+        lm.error_scale = s.get("error_scale")
         lm.meta = dict(s.get("meta", {}), lin_lens_version=s.get("lin_lens_version"))
         return lm
 

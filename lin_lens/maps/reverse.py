@@ -94,8 +94,10 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
         cov = u if readout is None else readout.pull_back(u)  # [n_t, d_act]
         J, consts = vjp_rows(model, req, fwd, act, cov[:, None, :])
         consts = _with_bias(consts, readout, u[:, None, :])
-        return LinearMap(J=J, act=(u * value).sum(-1, keepdim=True), constants=consts,
-                         out_shape=(1,), direction=u, **common)
+        lm = LinearMap(J=J, act=(u * value).sum(-1, keepdim=True), constants=consts,
+                       out_shape=(1,), direction=u, **common)
+        lm.error_scale = (u.abs() * value.abs()).sum(-1, keepdim=True)
+        return lm
 
     if readout is not None and idx is not None and idx.numel() < d_act:
         # few logit rows: pull each back through the readout

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lin_lens
-from tests.conftest import assert_same_state, state, tiny
+from lin_lens.testing import tiny_model
+from tests.conftest import assert_same_state, requires_hooked, state, tiny
 
 TOKENS = torch.tensor([[3, 17, 42, 8, 8, 29, 11]])
 
@@ -140,3 +141,43 @@ def test_environment_errors_name_the_cause(backend):
         lin_lens.linear_map(m, torch.randint(0, 40, (1, 80)), "logits")
     with pytest.raises(lin_lens.InvalidArgumentError, match="k must be a positive int"):
         lin_lens.top_singular(m, TOKENS, "logits", k=0)
+
+
+def test_top_singular_refusals(backend):
+    m = tiny("gpt2", backend)
+    short = TOKENS[:, :2]
+    with pytest.raises(lin_lens.InvalidArgumentError, match="rank bound"):
+        lin_lens.top_singular(m, short, "blocks.1.hook_resid_post", pos=0, k=20)
+    for kw, msg in ((dict(block=0), "block"), (dict(tol=-1.0), "tol")):
+        with pytest.raises(lin_lens.InvalidArgumentError, match=msg):
+            lin_lens.top_singular(m, TOKENS, "logits", k=2, **kw)
+
+
+@requires_hooked("a float16 tiny HookedTransformer (TL config dtype)")
+def test_top_singular_refuses_half_precision():
+    m = tiny_model("gpt2", torch.float16)
+    with pytest.raises(lin_lens.UnsupportedFeatureError, match="float32 or float64"):
+        lin_lens.top_singular(m, TOKENS, "logits", k=2)
+
+
+@requires_hooked("GQA via n_key_value_heads (TL config)")
+def test_attn_in_with_gqa_names_the_cause():
+    with pytest.raises(lin_lens.UnsupportedFeatureError, match="grouped-query"):
+        lin_lens.linear_map(tiny_model("llama"), TOKENS, "blocks.0.hook_attn_in")
+
+
+@requires_hooked("edits W_U of a tiny HookedTransformer")
+def test_direction_between_near_duplicate_tokens_is_accepted():
+    """uᵀlogits ≈ 3e-9 computed from logits ≈ 0.05 carries ~1e-16 of rounding: measured on the
+    scale |u|ᵀ|act| the exact map passes (it was refused at 5e-8 relative); a wrong J does not."""
+    m = tiny_model("gpt2")
+    with torch.no_grad():
+        noise = torch.randn(m.W_U.shape[0], dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0))
+        m.W_U[:, 7] = m.W_U[:, 5] + 1e-9 * noise
+    u = torch.zeros(50, dtype=torch.float64)
+    u[5], u[7] = 1.0, -1.0
+    lm = lin_lens.linear_map(m, TOKENS, "logits", direction=u)
+    assert lm.relative_error < 1e-12
+    lm.J4 *= 2  # a wrong J is still far above the float64 tolerance (1e-10)
+    assert lm.relative_error > 10 * lin_lens.default_tolerance(torch.float64)
