@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -161,17 +163,67 @@ def strip(model: Any) -> int:
     return removed
 
 
+# Undo steps of lin_lens contexts that are still open (config flags, requires_grad), newest last:
+# registered *before* the change they undo, so `undo_pending` (lin_lens.reset) can restore a
+# model whatever line an interrupt landed on.
+_PENDING: list[Callable[[], Any]] = []
+
+
+def _pending(undo: Callable[[], Any]) -> Callable[[], None]:
+    """Register ``undo`` and return the step that runs it and unregisters it."""
+    _PENDING.append(undo)
+
+    def done() -> None:  # a no-op once reset() has run it
+        if undo in _PENDING:
+            undo()
+            _PENDING.remove(undo)
+
+    return done
+
+
+def undo_pending() -> int:
+    """Run every registered undo step (newest first); returns how many ran."""
+    n = 0
+    while _PENDING:
+        _PENDING.pop()()
+        n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C during the block is held and raised after it (main thread only; elsewhere a
+    no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not in the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt
+
+
 def finish(*steps: Callable[[], Any]) -> None:
-    """Run clean-up steps to the end even if a KeyboardInterrupt lands inside one (each step is
-    retried once), then re-raise the interrupt: a model is never left half restored."""
+    """Run clean-up steps to the end: a Ctrl-C arriving meanwhile is held until they are done,
+    and a KeyboardInterrupt raised inside a step (e.g. from a trace function) makes it retry
+    once; then the interrupt is re-raised. A model is never left half restored."""
     pending: BaseException | None = None
-    for step in steps:
-        for _ in range(2):
-            try:
-                step()
-                break
-            except KeyboardInterrupt as e:
-                pending = e
+    with _sigint_deferred():
+        for step in steps:
+            for _ in range(2):
+                try:
+                    step()
+                    break
+                except KeyboardInterrupt as e:
+                    pending = e
     if pending is not None:
         raise pending
 
@@ -249,7 +301,15 @@ FLAG_HOOKS = {
 @contextlib.contextmanager
 def flags_for(model: Any, hooks: Sequence[str]) -> Iterator[None]:
     """Switch on the config flags the named hooks need; restore the user's values after."""
-    restore = []
+    restore: list[tuple[str, bool]] = []
+
+    def undo() -> None:
+        while restore:
+            setter, before = restore[-1]
+            getattr(model, setter)(before)
+            restore.pop()
+
+    done = _pending(undo)
     try:
         for h in hooks:
             spec = FLAG_HOOKS.get(h.rsplit(".", 1)[-1])
@@ -258,17 +318,11 @@ def flags_for(model: Any, hooks: Sequence[str]) -> Iterator[None]:
             flag, setter = spec
             before = bool(getattr(model.cfg, flag, False))
             if not before:
-                getattr(model, setter)(True)
                 restore.append((setter, before))
+                getattr(model, setter)(True)
         yield
     finally:
-        def undo() -> None:
-            while restore:
-                setter, before = restore[-1]
-                getattr(model, setter)(before)
-                restore.pop()
-
-        finish(undo)
+        finish(done)
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -300,13 +354,15 @@ def requires_grad(params: dict[str, Tensor] | Sequence[Tensor], value: bool) -> 
     on KeyboardInterrupt."""
     ps = list(params.values()) if isinstance(params, dict) else list(params)
     before = [p.requires_grad for p in ps]
+
+    def undo() -> None:
+        for p, rg in zip(ps, before, strict=True):
+            p.requires_grad_(rg)
+
+    done = _pending(undo)
     try:
         for p in ps:
             p.requires_grad_(value)
         yield
     finally:
-        def undo() -> None:
-            for p, rg in zip(ps, before, strict=True):
-                p.requires_grad_(rg)
-
-        finish(undo)
+        finish(done)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import HookSet, finish, strip
+from lin_lens._tl import HookSet, finish, strip, undo_pending
 from lin_lens.freeze.gates import relinearize, softcap_gate
 from lin_lens.freeze.rules import freezing_rules
 
@@ -98,13 +98,15 @@ def is_detached(model: Any) -> bool:
 
 
 def reset(model: Any) -> Any:
-    """Restore ``model`` by hand: end detached mode and remove every hook lin_lens added (the
-    user's own hooks stay). For a model left in doubt, e.g. after an interrupt inside a library
-    call that lin_lens could not clean up; normally never needed. Returns the model."""
+    """Restore ``model`` by hand: end detached mode, remove every hook lin_lens added (the user's
+    own hooks stay) and undo every config flag and ``requires_grad`` change of a lin_lens call
+    that did not finish. For a model left in doubt after an interrupt; normally never needed.
+    Call it when no lin_lens computation is running. Returns the model."""
     state = _ACTIVE.pop(model, None)
     if state is not None:
         state.hooks.remove()
     strip(model)
+    undo_pending()
     return model
 
 

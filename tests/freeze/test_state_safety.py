@@ -17,6 +17,7 @@ from lin_lens.testing import tiny_bridge, tiny_model
 TOKENS = torch.tensor([[3, 17, 42, 8, 29]])
 PKG = str(Path(lin_lens.__file__).parent)
 BACKENDS = (["hooked"] if HAS_HOOKED else []) + ["bridge"]
+CLEANUP = {"finish", "_sigint_deferred"}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -38,13 +39,14 @@ def _state(m):
 
 def _interrupt_at(n: int, fn) -> bool:
     """Run ``fn`` raising KeyboardInterrupt at the n-th line executed inside lin_lens; True if
-    it completed first. Not injected: inside ``_tl.finish`` and on the statements that call it,
+    it completed first. Not injected: inside ``_tl.finish`` (which also holds a real Ctrl-C until
+    it is done) and on the statements that call it,
     where clean-up begins (the one window Python cannot close: an interrupt on the very statement
     that starts a ``finally`` clause)."""
     count = [0]
 
     def trace(frame, event, arg):
-        if not frame.f_code.co_filename.startswith(PKG) or frame.f_code.co_name == "finish":
+        if not frame.f_code.co_filename.startswith(PKG) or frame.f_code.co_name in CLEANUP:
             return None
         if event == "line" and "finish(" not in linecache.getline(frame.f_code.co_filename,
                                                                   frame.f_lineno):
@@ -139,3 +141,20 @@ def test_forward_pass_from_a_user_hook_does_not_overwrite_the_leaves(model):
     finally:
         hp.remove_hooks()
     assert torch.equal(lm.J, ref.J) and lm.relative_error < 1e-12
+
+
+def test_reset_undoes_flags_and_grads_of_an_abandoned_call(model):
+    """A lin_lens call abandoned half-way (its contexts never closed, as when an interrupt lands
+    on the first line of their clean-up): reset restores the config flags and requires_grad."""
+    from lin_lens._tl import flags_for, requires_grad
+
+    before = _state(model)
+    flags = flags_for(model, ["blocks.0.attn.hook_result"])
+    grads = requires_grad(list(model.parameters()), False)
+    flags.__enter__()
+    grads.__enter__()
+    assert model.cfg.use_attn_result and _state(model) != before
+    lin_lens.reset(model)
+    assert _state(model) == before
+    del flags, grads  # their clean-up, when it finally runs, must not undo twice
+    assert _state(model) == before
