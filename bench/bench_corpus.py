@@ -37,34 +37,6 @@ TINY_WORDS = [f"w{i}" for i in range(48)]
 
 # -- the reference workflow (child process, one per prompt) -----------------------------------
 
-def patch_hf_detached() -> None:
-    """The reference's detach points in the HF Llama modules (as bench_engines.py): the norm's
-    rsqrt factor, act(gate) and the softmax weights; computed in the model's dtype."""
-    import torch
-    from torch import nn
-    from transformers.models.llama import modeling_llama as ml
-
-    def rms_forward(self, h):
-        var = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon).detach())
-
-    def mlp_forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)).detach() * self.up_proj(x))
-
-    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
-        k = ml.repeat_kv(key, module.num_key_value_groups)
-        v = ml.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        w = nn.functional.softmax(w, dim=-1).detach()
-        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
-
-    ml.LlamaRMSNorm.forward = rms_forward
-    ml.LlamaMLP.forward = mlp_forward
-    ml.eager_attention_forward = eager
-
-
 def tiny_hf():
     """A tiny random HF Llama (float32) and the tiny word-level tokenizer."""
     import torch
@@ -91,6 +63,8 @@ def reference_child(prompt: str, tiny: bool) -> dict:
         hf, tok = lin_lens.load_hf("smollm2-135m", torch.float32)
     for p in hf.parameters():
         p.requires_grad_(False)
+    from bench_engines import patch_hf_detached  # the reference's detach points, one copy
+
     patch_hf_detached()
     t0 = time.perf_counter()
     ids = tok(prompt, add_special_tokens=False)["input_ids"]

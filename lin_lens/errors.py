@@ -33,6 +33,13 @@ class UnknownHookError(LinLensError, KeyError):
         return str(self.args[0])
 
 
+class UnknownNodeError(LinLensError, KeyError):
+    """A node label or index an attribution graph does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class NotLinearError(InvalidArgumentError):
     """A hook whose activation has no exact linear map in the input (e.g. an attention pattern)."""
 
@@ -64,4 +71,5 @@ class MemoryBudgetError(LinLensError, MemoryError):
 
 
 class ModelNotAvailableError(LinLensError, ImportError):
-    """The package that ships a model's weights, or the class a backend needs, is missing."""
+    """A package lin_lens needs is missing: the one that ships a model's weights, the class a
+    backend needs, or an optional extra (e.g. Ray)."""

@@ -18,6 +18,7 @@ import lin_lens
 from lin_lens._numeric import relative_error
 from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
 from lin_lens.decode import token_strings
+from lin_lens.errors import InvalidArgumentError
 from lin_lens.maps import ordinary_reconstruction
 from lin_lens.maps.request import positions
 
@@ -43,7 +44,7 @@ def check_analyses(analyses: Any) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(analyses))
     bad = [a for a in out if a not in ANALYSES]
     if bad:
-        raise ValueError(f"analyses: unknown {bad}; choose from {list(ANALYSES)}")
+        raise InvalidArgumentError(f"analyses: unknown {bad}; choose from {list(ANALYSES)}")
     return out
 
 
@@ -55,7 +56,7 @@ def check_hooks(model: Any, settings: dict[str, Any]) -> None:
         if name != "logits" and name not in model.hook_dict:
             close = [h for h in model.hook_dict if h.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
             hint = f"; e.g. {', '.join(close[:3])}" if close else ""
-            raise ValueError(f"{what} {name!r} is not a hook of this model{hint}")
+            raise InvalidArgumentError(f"{what} {name!r} is not a hook of this model{hint}")
 
 
 def analyze_prompt(model: Any, text: str, index: int, settings: dict[str, Any]) -> list[dict]:

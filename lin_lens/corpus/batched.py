@@ -34,7 +34,7 @@ from torch import Tensor
 
 import lin_lens
 from lin_lens._tl import biases as nonzero_biases
-from lin_lens.errors import LinLensError
+from lin_lens.errors import InvalidArgumentError, InvalidPositionError, LinLensError
 
 ORIGIN = "biases+positions"  # the one constant origin of a batched map
 
@@ -95,15 +95,16 @@ class BatchedContributions:
 
 def _direction(direction: Any, out_index: Any, B: int, d_out: int, like: Tensor) -> Tensor:
     if (direction is None) == (out_index is None):
-        raise ValueError("give exactly one of direction= or out_index=")
+        raise InvalidArgumentError("give exactly one of direction= or out_index=")
     if out_index is not None:
         idx = torch.as_tensor(out_index, dtype=torch.long).reshape(-1)
         if idx.numel() == 1:
             idx = idx.expand(B)
         if idx.numel() != B:
-            raise ValueError(f"out_index: one index or one per prompt ({B}), got {idx.numel()}")
+            raise InvalidArgumentError(
+                f"out_index: one index or one per prompt ({B}), got {idx.numel()}")
         if int(idx.max()) >= d_out or int(idx.min()) < -d_out:
-            raise IndexError(f"out_index out of range for an output of size {d_out}")
+            raise InvalidPositionError(f"out_index out of range for an output of size {d_out}")
         u = torch.zeros(B, d_out, dtype=like.dtype, device=like.device)
         u[torch.arange(B), idx % d_out] = 1
         return u
@@ -111,7 +112,8 @@ def _direction(direction: Any, out_index: Any, B: int, d_out: int, like: Tensor)
     if u.ndim == 1:
         u = u.expand(B, -1)
     if u.shape != (B, d_out):
-        raise ValueError(f"direction must be [{d_out}] or [{B}, {d_out}], got {list(u.shape)}")
+        raise InvalidArgumentError(
+            f"direction must be [{d_out}] or [{B}, {d_out}], got {list(u.shape)}")
     return u
 
 
@@ -122,9 +124,9 @@ def pad_batch(model: Any, prompts: Sequence[Any], padding_side: str = "right",
     tokenizer's pad id on ``padding_side`` as ``model.to_tokens(list, padding_side=...)``
     does. The mask is built from the lengths, so a pad id equal to BOS is harmless."""
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise InvalidArgumentError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if isinstance(prompts, (str, Tensor)) or not len(prompts):
-        raise ValueError("prompts: a non-empty list of texts or token-id sequences")
+        raise InvalidArgumentError("prompts: a non-empty list of texts or token-id sequences")
     seqs = [lin_lens.to_tokens(model, p, prepend_bos)[0] for p in prompts]
     n = max(len(s) for s in seqs)
     tok = getattr(model, "tokenizer", None)
@@ -146,12 +148,12 @@ def _targets(pos: Any, mask: Tensor, padding_side: str) -> Tensor:
     if req.numel() == 1:
         req = req.expand(B)
     if req.numel() != B:
-        raise ValueError(f"pos: one position or one per prompt ({B}), got {req.numel()}")
+        raise InvalidArgumentError(f"pos: one position or one per prompt ({B}), got {req.numel()}")
     out = torch.empty(B, dtype=torch.long)
     for b in range(B):
         L, p = int(lengths[b]), int(req[b])
         if not -L <= p < L:
-            raise IndexError(f"pos {p} out of range for prompt {b} ({L} tokens)")
+            raise InvalidPositionError(f"pos {p} out of range for prompt {b} ({L} tokens)")
         out[b] = p % L + (n - L if padding_side == "left" else 0)
     return out.to(mask.device)
 
@@ -214,7 +216,7 @@ def batched_contributions(
     """
     for name, h in (("source", source), ("hook", hook)):
         if h != "logits" and h not in model.hook_dict:
-            raise ValueError(f"{name} {h!r} is not a hook of this model")
+            raise InvalidArgumentError(f"{name} {h!r} is not a hook of this model")
     tokens, mask = pad_batch(model, prompts, padding_side, prepend_bos)
     target = _targets(pos, mask, padding_side)
     B = tokens.shape[0]
@@ -237,15 +239,15 @@ def batched_contributions(
     with lin_lens.detached(model), torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(tokens, **kw)
         if "x" not in seen:
-            raise ValueError(f"source hook {source!r} did not fire in the forward pass")
+            raise InvalidArgumentError(f"source hook {source!r} did not fire in the forward pass")
         act = logits if hook == "logits" else seen.get("act")
         if act is None:
-            raise ValueError(f"target hook {hook!r} did not fire in the forward pass")
+            raise InvalidArgumentError(f"target hook {hook!r} did not fire in the forward pass")
         act_t = act[rows, target].reshape(B, -1)  # [B, d_out]
         u = _direction(direction, out_index, B, act_t.shape[-1], act_t)
         value = (u * act_t).sum(-1)
         if not bool(value.isfinite().all()):
-            raise ValueError("the batched forward is not finite at a target position; "
+            raise InvalidArgumentError("the batched forward is not finite at a target position; "
                              f"padding_side={padding_side!r} may not be supported by this model")
         (grads,) = torch.autograd.grad(value.sum(), seen["x"])
     x = seen["x"].detach()

@@ -9,6 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -28,9 +30,10 @@ def load_prompts(prompts: str | Path | Iterable[str], field: str = "text") -> li
     out = list(prompts)
     bad = [i for i, p in enumerate(out) if not isinstance(p, str)]
     if bad:
-        raise TypeError(f"prompts must be strings; item {bad[0]} is {type(out[bad[0]]).__name__}")
+        raise ArgumentTypeError(
+            f"prompts must be strings; item {bad[0]} is {type(out[bad[0]]).__name__}")
     if not out:
-        raise ValueError("prompts is empty")
+        raise InvalidArgumentError("prompts is empty")
     return out
 
 
@@ -48,25 +51,27 @@ def _from_file(path: Path, field: str) -> list[str]:
                 continue
             obj = json.loads(ln)
             if not isinstance(obj, dict) or field not in obj:
-                raise ValueError(f"{path}:{i}: no field {field!r} (pass field=...)")
+                raise InvalidArgumentError(f"{path}:{i}: no field {field!r} (pass field=...)")
             out.append(_text(obj[field], f"{path}:{i}"))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if field not in table.column_names:
-            raise ValueError(f"{path}: no column {field!r}; columns: {table.column_names}")
+            raise InvalidArgumentError(
+                f"{path}: no column {field!r}; columns: {table.column_names}")
         out = [_text(v, f"{path} row {i}") for i, v in enumerate(table[field].to_pylist())]
     else:
-        raise ValueError(f"prompts file {str(path)!r}: expected one of {', '.join(SUFFIXES)}")
+        raise InvalidArgumentError(
+            f"prompts file {str(path)!r}: expected one of {', '.join(SUFFIXES)}")
     if not out:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompts")
+        raise InvalidArgumentError(f"prompts file {str(path)!r} holds no prompts")
     return out
 
 
 def _text(v: Any, where: str) -> str:
     if not isinstance(v, str):
-        raise TypeError(f"{where}: prompt must be a string, got {type(v).__name__}")
+        raise ArgumentTypeError(f"{where}: prompt must be a string, got {type(v).__name__}")
     return v
 
 

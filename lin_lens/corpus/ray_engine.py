@@ -19,6 +19,7 @@ from typing import Any
 from lin_lens.corpus.analyze import analyze_prompt, check_hooks
 from lin_lens.corpus.spec import LoadSpec
 from lin_lens.corpus.store import Store
+from lin_lens.errors import ModelNotAvailableError
 from lin_lens.progress import progress_bar
 
 # Test hook: "exit_once:PATH" makes the first worker to finish a batch exit hard (os._exit) after
@@ -71,7 +72,7 @@ def run_ray(spec: LoadSpec, todo: list[tuple[int, str]], settings: dict, out: st
         import ray
         from ray.util import ActorPool
     except ImportError as e:
-        raise ImportError("engine='ray' needs Ray: pip install 'lin_lens[ray]'") from e
+        raise ModelNotAvailableError("engine='ray' needs Ray: pip install 'lin_lens[ray]'") from e
 
     started = False
     if not ray.is_initialized():

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens.errors import InvalidArgumentError, InvalidPositionError
+
 KINDS = ("embed", "pos_embed", "bias", "head", "attn", "neuron", "mlp", "target")
 SOURCES = ("embed", "pos_embed", "bias")
 TOTAL_VALUED = ("head", "attn", "mlp")  # value = total effect: a vector output, read along ∂J
@@ -120,7 +122,7 @@ class NodeSpace:
         for b in self.blocks:
             if b.start <= i < b.stop:
                 return b
-        raise IndexError(f"node {i} out of range for a graph of {self.size} nodes")
+        raise InvalidPositionError(f"node {i} out of range for a graph of {self.size} nodes")
 
     # -- per-node descriptors ---------------------------------------------------------------
     def describe(self, tokens: Tensor, target_ids: list[int]) -> dict[str, Tensor]:
@@ -177,7 +179,8 @@ class NodeSpace:
             elif b.kind in ("attn", "mlp"):
                 cot[0, local] = dirs[b.source][0, local]
             else:
-                raise ValueError(f"node {i} ({b.kind}) is a source and has no incoming edges")
+                raise InvalidArgumentError(
+                    f"node {i} ({b.kind}) is a source and has no incoming edges")
         return out
 
     def columns(self, grads: dict[str, Tensor | None], values: dict[str, Tensor], B: int,

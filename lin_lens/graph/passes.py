@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._tl import LOGITS, HookSet
+from lin_lens.errors import InvalidArgumentError
 from lin_lens.graph._naming import is_gated
 
 # Hooks with no exact linear map from the input: refused as a target hook.
@@ -92,7 +93,8 @@ class Pass:
         if target_hook == LOGITS:
             self.act = logits
         if self.act is None:
-            raise ValueError(f"target hook {target_hook!r} did not fire in the forward pass")
+            raise InvalidArgumentError(
+                f"target hook {target_hook!r} did not fire in the forward pass")
         self.logits = logits.detach()
 
     def _read(self, t: Tensor, hook: Any = None) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lin_lens.errors import LinLensError
+
 
 def normalize_abs(A: Tensor) -> Tensor:
     """``|A|`` with each row divided by its sum (rows of zeros stay zero)."""
@@ -28,7 +30,7 @@ def _series(step, w: Tensor, max_iter: int) -> Tensor:
         if not bool(prod.any()):
             return total
         total = total + prod
-    raise RuntimeError(f"influence did not converge in {max_iter} steps (the graph has a cycle?)")
+    raise LinLensError(f"influence did not converge in {max_iter} steps (the graph has a cycle?)")
 
 
 def influence_dense(A_norm: Tensor, w: Tensor, max_iter: int = 10_000) -> Tensor:

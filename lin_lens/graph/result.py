@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens.errors import InvalidArgumentError, InvalidPositionError, UnknownNodeError
 from lin_lens.graph.nodes import KINDS, SOURCES
 
 _TENSORS = ("node_ids", "kind", "layer", "pos", "index", "value", "total_effect", "influence",
@@ -99,7 +100,7 @@ class AttributionGraph:
         """A node by local index, label (``"L3H5@7"``) or circuit-tracer node id."""
         if isinstance(key, int):
             if not -self.n_nodes <= key < self.n_nodes:
-                raise IndexError(f"node {key} out of range ({self.n_nodes} nodes)")
+                raise InvalidPositionError(f"node {key} out of range ({self.n_nodes} nodes)")
             return key % self.n_nodes
         if key in self.labels:
             return self.labels.index(key)
@@ -109,7 +110,7 @@ class AttributionGraph:
         if key in ids:
             return ids.index(key)
         close = [lab for lab in self.labels if key.split("@")[0] in lab][:5]
-        raise KeyError(f"no node {key!r} in this graph ({self.n_nodes} kept nodes)"
+        raise UnknownNodeError(f"no node {key!r} in this graph ({self.n_nodes} kept nodes)"
                        + (f"; similar: {', '.join(close)}" if close else ""))
 
     # -- edges and paths --------------------------------------------------------------------
@@ -209,7 +210,7 @@ class AttributionGraph:
     def load(cls, path: str | Path, map_location: Any = "cpu") -> AttributionGraph:
         d = torch.load(path, map_location=map_location, weights_only=False)
         if d.pop("format", None) != "lin_lens.AttributionGraph":
-            raise ValueError(f"{path}: not a saved lin_lens AttributionGraph")
+            raise InvalidArgumentError(f"{path}: not a saved lin_lens AttributionGraph")
         d.pop("version", None)
         return cls(**d)
 
