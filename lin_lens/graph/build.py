@@ -19,10 +19,10 @@ from torch import Tensor
 
 from lin_lens._tl import LOGITS, model_dtype, requires_grad
 from lin_lens._tl import biases as nonzero_biases
-from lin_lens.errors import NotExactError
+from lin_lens.errors import InvalidArgumentError, NotExactError
 from lin_lens.freeze import detached
 from lin_lens.graph import prune as P
-from lin_lens.graph.engine import Attributor, InvalidArgumentError
+from lin_lens.graph.engine import Attributor
 from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
 from lin_lens.graph.result import AttributionGraph
 from lin_lens.maps import default_tolerance, to_tokens
