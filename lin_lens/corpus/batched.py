@@ -65,12 +65,19 @@ class BatchedContributions:
     hook: str
     source: str
     padding_side: str
+    scale: Tensor | None = None  # |u|ᵀ|act| per prompt
 
     @property
     def relative_error(self) -> Tensor:
-        """``|value − Σ contributions − constant| / |value|`` per prompt ``[B]``."""
+        """``|value − Σ contributions − constant|`` per prompt ``[B]``, relative to the scale the
+        scalar was computed at: ``max(|value|, |u|ᵀ|act|, Σ|contributions| + |constant|)`` (as
+        :attr:`lin_lens.LinearMap.relative_error` for direction maps: a logit difference near 0
+        is not refused for its cancellation)."""
         rec = self.contributions.sum(-1) + self.constant
-        den = self.value.abs()
+        den = torch.maximum(self.value.abs(), self.contributions.abs().sum(-1)
+                            + self.constant.abs())
+        if self.scale is not None:
+            den = torch.maximum(den, self.scale.to(den.dtype))
         err = (self.value - rec).abs()
         return torch.where(den > 0, err / den.clamp_min(torch.finfo(den.dtype).tiny), err)
 
@@ -87,10 +94,13 @@ class BatchedContributions:
         m = self.mask[b]
         const = {} if bool(self.constant[b] == 0) else {ORIGIN: self.constant[b].reshape(1, 1)}
         t = int(self.target[b]) - int((~m[: int(self.target[b])]).sum())  # unpadded index
-        return lin_lens.LinearMap(
+        lm = lin_lens.LinearMap(
             self.grads[b][m][None, :, None, :], self.x[b][m], self.value[b].reshape(1, 1), const,
             self.hook, self.source, [t], (1,), direction=self.direction[b][None],
             tokens=self.tokens[b][m].cpu(), detached=True, int_pos=True)
+        if self.scale is not None:
+            lm.error_scale = self.scale[b].reshape(1, 1)
+        return lm
 
 
 def _direction(direction: Any, out_index: Any, B: int, d_out: int, like: Tensor) -> Tensor:
@@ -246,6 +256,7 @@ def batched_contributions(
         act_t = act[rows, target].reshape(B, -1)  # [B, d_out]
         u = _direction(direction, out_index, B, act_t.shape[-1], act_t)
         value = (u * act_t).sum(-1)
+        scale = (u.abs() * act_t.abs()).sum(-1).detach()  # the scale uᵀact is computed at
         if not bool(value.isfinite().all()):
             raise InvalidArgumentError("the batched forward is not finite at a target position; "
                              f"padding_side={padding_side!r} may not be supported by this model")
@@ -261,7 +272,7 @@ def batched_contributions(
     constant = _constant(model, tokens, mask, kw, hook, source, target, u)
     res = BatchedContributions(tokens, mask, target, contributions.detach(), constant,
                                value.detach(), grads.detach(), x, u.detach(), hook, source,
-                               padding_side)
+                               padding_side, scale)
     if check:
         bound = tol if tol is not None else lin_lens.default_tolerance(value.dtype)
         bad = (res.relative_error > bound).nonzero()
