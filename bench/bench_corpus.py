@@ -63,8 +63,9 @@ def reference_child(prompt: str, tiny: bool) -> dict:
         hf, tok = lin_lens.load_hf("smollm2-135m", torch.float32)
     for p in hf.parameters():
         p.requires_grad_(False)
-    from bench_engines import patch_hf_detached  # the reference's detach points, one copy
+    from bench_engines import _eager, patch_hf_detached  # the reference's detach points
 
+    _eager(hf)  # the patched softmax lives in eager attention (sdpa would skip the detach)
     patch_hf_detached()
     t0 = time.perf_counter()
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
