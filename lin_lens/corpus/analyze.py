@@ -16,6 +16,7 @@ import torch
 
 import lin_lens
 from lin_lens._numeric import relative_error
+from lin_lens._tl import is_bridge, model_dtype
 from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
 from lin_lens.decode import token_strings
 from lin_lens.errors import InvalidArgumentError
@@ -32,10 +33,9 @@ def model_info(model: Any) -> dict[str, str]:
     name; otherwise the TransformerLens config's ``model_name``)."""
     info = getattr(model, "lin_lens_info", None) or {}
     name = info.get("name") or getattr(model.cfg, "model_name", None) or type(model).__name__
-    p = next(p for p in model.parameters() if p.is_floating_point())
-    bridge = any(c.__name__ == "TransformerBridge" for c in type(model).__mro__)
-    backend = info.get("backend") or ("bridge" if bridge else "hooked")
-    return {"model": str(name), "dtype": str(p.dtype).replace("torch.", ""), "backend": backend}
+    backend = info.get("backend") or ("bridge" if is_bridge(model) else "hooked")
+    return {"model": str(name), "dtype": str(model_dtype(model)).replace("torch.", ""),
+            "backend": backend}
 
 
 def check_analyses(analyses: Any) -> tuple[str, ...]:

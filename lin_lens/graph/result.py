@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._numeric import relative_error
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, UnknownNodeError
 from lin_lens.graph.nodes import KINDS, SOURCES
 
@@ -73,10 +74,7 @@ class AttributionGraph:
     def relative_error(self) -> float:
         """How far the targets are from the sum of their incoming edges: ‖T − Σ‖ / ‖T‖."""
         t = torch.tensor(self.targets)
-        v, s = self.value[t].double(), self.incoming_total[t].double()
-        den = torch.linalg.vector_norm(v)
-        num = torch.linalg.vector_norm(v - s)
-        return float(num / den) if float(den) > 0 else float(num)
+        return relative_error(self.value[t], self.incoming_total[t])
 
     def node_errors(self) -> dict[str, float]:
         """Per receiving kind: ‖value − incoming_total‖ / ‖value‖ over the kept nodes."""
@@ -84,9 +82,7 @@ class AttributionGraph:
         kinds = self.kinds
         for k in sorted(set(kinds) - set(SOURCES)):
             idx = torch.tensor([i for i, kk in enumerate(kinds) if kk == k])
-            v, s = self.value[idx].double(), self.incoming_total[idx].double()
-            den = float(torch.linalg.vector_norm(v))
-            out[k] = float(torch.linalg.vector_norm(v - s)) / den if den > 0 else 0.0
+            out[k] = relative_error(self.value[idx], self.incoming_total[idx])
         return out
 
     def target_values(self, act: Tensor) -> Tensor:
