@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 import lin_lens
+from lin_lens._tl import HookSet
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, LinLensError
 
@@ -246,7 +247,9 @@ def batched_contributions(
 
     hooks = [(source, leaf)] + ([] if hook == "logits" else [(hook, grab)])
     hooks += _scrub_hooks(model, mask)
-    with lin_lens.detached(model), torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with lin_lens.detached(model), torch.enable_grad(), HookSet(model) as hs:
+        for name, fn in hooks:
+            hs.add(name, fn)
         logits = model(tokens, **kw)
         if "x" not in seen:
             raise InvalidArgumentError(f"source hook {source!r} did not fire in the forward pass")
@@ -311,8 +314,9 @@ def _constant(model: Any, tokens: Tensor, mask: Tensor, kw: dict, hook: str, sou
     hooks = [(h, dual) for h in origins] + [(source, cut)] + _scrub_hooks(model, mask)
     if hook != "logits":
         hooks.append((hook, grab))
-    with lin_lens.detached(model), fwAD.dual_level(), torch.no_grad(), \
-            model.hooks(fwd_hooks=hooks):
+    with lin_lens.detached(model), fwAD.dual_level(), torch.no_grad(), HookSet(model) as hs:
+        for name, fn in hooks:
+            hs.add(name, fn)
         params = {n: fwAD.make_dual(p, p) for n, p in biases.items()}
         res = torch.func.functional_call(model, params, (tokens,), kw, strict=False)
         tangent = fwAD.unpack_dual(res if hook == "logits" else out["act"]).tangent
