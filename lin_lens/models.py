@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lin_lens._float64 import bridge_softmax_float64, hf_float64
 from lin_lens._tl import (
     HAS_BRIDGE,
     HAS_HOOKED,
@@ -107,7 +108,9 @@ def load_hf(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
     """``(hf_model, tokenizer)``: the Hugging Face model in eval mode, dequantized to ``dtype``.
 
     The GGUF config quirks are fixed so TransformerLens accepts it: ``config.architectures`` is
-    set and the ``quantization_config`` (the weights are already dense) removed.
+    set and the ``quantization_config`` (the weights are already dense) removed. In float64 the
+    model is float64 throughout: the norms, rotary tables and embedding scale that Hugging Face
+    computes in float32 are recomputed in float64 (:mod:`lin_lens._float64`).
     """
     path = gguf_path(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +136,8 @@ def load_hf(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.to(device).eval()
+    if dtype == torch.float64:
+        hf_float64(hf)
     return hf, tok
 
 
@@ -242,6 +247,8 @@ def load_model(
         raise InvalidArgumentError("pass hf_model and tokenizer together")
     if hf_model is None:
         hf_model, tokenizer = load_hf(name, dtype, device)
+    elif dtype == torch.float64:
+        hf_float64(hf_model)  # idempotent; a pair loaded in float32 is converted by TL below
     build = _hooked if backend == "hooked" else _bridge
     # TL re-loads a tokenizer that does not add BOS (SmolLM2's) from its GGUF: parse it fast too
     with warnings.catch_warnings(), _gguf_parsed_once():
@@ -336,6 +343,8 @@ def _bridge(spec, hf, tok, dtype, fold_ln, device, n_ctx):
         )
         if fold_ln:
             model.enable_compatibility_mode(disable_warnings=True)
+    if dtype == torch.float64:
+        bridge_softmax_float64(model)
     return model
 
 

@@ -35,10 +35,9 @@ EXACT = {F64: 1e-13, F32: 1e-5}
 ORDINARY_MIN = 1e-3
 # TL vs HF next-token log-probs in float32 (measured ≤ 4e-5: different summation orders).
 AGREE_F32 = 1e-4
-# Detached vs plain forward on the Bridge. HF's RMSNorm casts to float32 internally, even in a
-# float64 model, while the detached forward's norm runs in the model dtype. Measured on SmolLM2
-# logits: 2.3e-7 relative in float64; float32 is bit-identical or close to it.
-BRIDGE_FWD = {F64: 1e-6, F32: 1e-5}
+# Detached vs plain forward on the Bridge (a float64 model is float64 throughout: measured
+# ~1e-15; float32 is bit-identical or close to it).
+BRIDGE_FWD = {F64: 1e-12, F32: 1e-5}
 
 
 def _hooks(m) -> list[str]:
@@ -93,6 +92,16 @@ def test_hooked_unavailable_is_explained(monkeypatch):
 def test_default_backend_follows_tl_version():
     assert models.default_backend() == ("hooked" if HAS_HOOKED else "bridge")
     assert HAS_BRIDGE
+
+
+def test_float64_rotary_refuses_unknown_rope_types():
+    from lin_lens._float64 import _inv_freq
+
+    assert _inv_freq({"rope_theta": 1e4}, 8).dtype == F64
+    linear = _inv_freq({"rope_type": "linear", "rope_theta": 1e4, "factor": 8.0}, 8)
+    assert torch.equal(linear * 8.0, _inv_freq({"rope_theta": 1e4}, 8))
+    with pytest.raises(lin_lens.errors.UnsupportedFeatureError, match="llama3"):
+        _inv_freq({"rope_type": "llama3", "rope_theta": 5e5}, 8)
 
 
 def test_hf_model_and_tokenizer_go_together():
