@@ -42,6 +42,9 @@ from lin_lens.maps.request import is_int_position, positions
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|mid|post)$")
 FINAL = ("ln_final.hook_normalized", "logits")
+NOT_SUMMING = ("The component parts do not sum to the target: this block layout (e.g. post-norm "
+               "blocks, positions that enter only Q/K) is not one decompose knows; use "
+               "lin_lens.linear_map for the exact map of the whole activation.")
 
 
 # -- decomposition -----------------------------------------------------------------------------
@@ -85,18 +88,7 @@ class Decomposition:
     def grouped(self) -> tuple[list[str], Tensor]:
         """Heads + ``b_O`` → ``{L}_attn_out``, MLP + ``b_out`` → ``{L}_mlp_out`` (TL's
         ``decompose_resid`` labels); other components unchanged."""
-        out: dict[str, Tensor] = {}
-        for lab, part in zip(self.labels, self.parts, strict=True):
-            m = re.match(r"^(?:L(\d+)H\d+|blocks\.(\d+)\.attn\.b_O)$", lab)
-            n = re.match(r"^(?:L(\d+)\.mlp|blocks\.(\d+)\.mlp\.b_out)$", lab)
-            if m:
-                key = f"{m.group(1) or m.group(2)}_attn_out"
-            elif n:
-                key = f"{n.group(1) or n.group(2)}_mlp_out"
-            else:
-                key = lab
-            out[key] = out[key] + part if key in out else part.clone()
-        return list(out), torch.stack(list(out.values()))
+        return grouped(self.labels, self.parts)
 
     def top(self, n: int = 10) -> list[tuple[str, float, float]]:
         """The ``n`` components with the largest |along|: (label, norm, along)."""
@@ -119,6 +111,34 @@ class Decomposition:
                              f"components, relative error {self.relative_error:.1e}")
 
 
+def grouped(labels: list[str], parts: Tensor) -> tuple[list[str], Tensor]:
+    """:meth:`Decomposition.grouped` for ``parts`` with the components on the first axis."""
+    out: dict[str, Tensor] = {}
+    for lab, part in zip(labels, parts, strict=True):
+        m = re.match(r"^(?:L(\d+)H\d+|blocks\.(\d+)\.attn\.b_O)$", lab)
+        n = re.match(r"^(?:L(\d+)\.mlp|blocks\.(\d+)\.mlp\.b_out)$", lab)
+        if m:
+            key = f"{m.group(1) or m.group(2)}_attn_out"
+        elif n:
+            key = f"{n.group(1) or n.group(2)}_mlp_out"
+        else:
+            key = lab
+        out[key] = out[key] + part if key in out else part.clone()
+    return list(out), torch.stack(list(out.values()))
+
+
+def supported_stage(model: Any, hook: str) -> tuple[int, bool, bool]:
+    """:func:`_stage` of ``hook``, after decompose's refusals (attention-only models, a final
+    target without a final norm)."""
+    if getattr(model.cfg, "attn_only", False):
+        raise UnsupportedFeatureError("decompose: attention-only models (cfg.attn_only) are not "
+                                      "supported; use lin_lens.head_operators / linear_map")
+    if hook in FINAL and getattr(model, "ln_final", None) is None:
+        raise UnsupportedFeatureError(f"decompose at {hook!r}: this model has no final norm "
+                                      "(normalization_type=None); decompose a resid hook instead")
+    return _stage(model, hook)
+
+
 def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
     """(layers fully included, attention of the next layer included?, final norm applied?)."""
     if hook in FINAL:
@@ -132,12 +152,13 @@ def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
     return (L + 1 if where == "post" else L), where == "mid", False
 
 
-def _post_norm(block: Any, cache: Any, layer: int, which: str, t: int):
-    """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise."""
+def _post_norm(block: Any, cache: Any, layer: int, which: str, at: tuple):
+    """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise; its
+    scale read at ``cache[...][at]`` (``at = (0, t)``, or ``(rows, targets)`` for a batch)."""
     ln = getattr(block, f"{which}_post", None)
     if ln is None:
         return lambda v: v
-    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"][0, t]
+    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"][at]
     w, _ = norm_params(ln)
     center = _centers(block.cfg if hasattr(block, "cfg") else None, ln)
 
@@ -175,7 +196,7 @@ def _final_projection(model: Any, cache: Any, logits: Tensor, hook: str, t: int,
         b = b if b is not None and bool(b.ne(0).any()) else None
         if w is not None:
             P = w.detach()[:, None] * P
-        readout = Readout.at(model, _unembed_input(model, cache, t)[None])
+        readout = Readout.at(model, _unembed_input(model, cache, (0, t))[None])
         P = readout.matrix(P)
         extra_b = {} if b is None else {"ln_final.b": b @ readout.W}
         if readout.b is not None:
@@ -189,9 +210,9 @@ def _final_projection(model: Any, cache: Any, logits: Tensor, hook: str, t: int,
     return P, extra
 
 
-def _unembed_input(model: Any, cache: Any, t: int) -> Tensor:
+def _unembed_input(model: Any, cache: Any, at: tuple) -> Tensor:
     ln = model.ln_final
-    v = cache["ln_final.hook_normalized"][0, t]
+    v = cache["ln_final.hook_normalized"][at]
     w, b = norm_params(ln)
     v = v * w.detach() if w is not None else v
     return v + b.detach() if b is not None else v
@@ -219,16 +240,9 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     """
     if not is_int_position(pos):
         raise ArgumentTypeError(f"decompose takes one int position, got pos={pos!r}")
-    cfg = model.cfg
-    if getattr(cfg, "attn_only", False):
-        raise UnsupportedFeatureError("decompose: attention-only models (cfg.attn_only) are not "
-                                      "supported; use lin_lens.head_operators / linear_map")
-    if hook in FINAL and getattr(model, "ln_final", None) is None:
-        raise UnsupportedFeatureError(f"decompose at {hook!r}: this model has no final norm "
-                                      "(normalization_type=None); decompose a resid hook instead")
+    n_full, with_attn, final = supported_stage(model, hook)
     tokens = to_tokens(model, inputs, prepend_bos)
     t = positions(pos, tokens.shape[1])[0]
-    n_full, with_attn, final = _stage(model, hook)
     idx = None if out_index is None else torch.as_tensor(out_index, device=tokens.device)
     if idx is not None and hook != "logits":
         raise InvalidArgumentError(f"out_index is for hook='logits', not {hook!r}")
@@ -237,29 +251,9 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     # Bridge the norms re-linearised in the model's dtype (HF's RMSNorm rounds to float32)
     with torch.no_grad(), detached(model):
         logits, cache = model.run_with_cache(tokens)
-    parts: list[tuple[str, str, Tensor]] = [("embed", "embed", cache["hook_embed"][0, t])]
-    if "hook_pos_embed" in cache.cache_dict:
-        parts.append(("pos_embed", "pos_embed", cache["hook_pos_embed"][0, t]))
+    require_fired(cache, hook)
     layers = list(range(n_full)) + ([n_full] if with_attn else [])
-    for layer in layers:
-        block = model.blocks[layer]
-        post_a = _post_norm(block, cache, layer, "ln1", t)
-        z = cache[f"blocks.{layer}.attn.hook_z"][0, t]
-        W_O_l = W_O(model, layer)
-        for h in range(W_O_l.shape[0]):
-            parts.append((f"L{layer}H{h}", "head", post_a(z[h] @ W_O_l[h])))
-        b_O = nonzero_bias(block.attn, "b_O")
-        if b_O is not None:
-            parts.append((f"blocks.{layer}.attn.b_O", "bias", post_a(b_O)))
-        if layer == n_full:  # resid_mid: attention only
-            continue
-        post_m = _post_norm(block, cache, layer, "ln2", t)
-        b_out = nonzero_bias(block.mlp, "b_out")
-        mlp = cache[f"blocks.{layer}.hook_mlp_out"][0, t]
-        parts.append((f"L{layer}.mlp", "mlp", mlp - (post_m(b_out) if b_out is not None else 0)))
-        if b_out is not None:
-            parts.append((f"blocks.{layer}.mlp.b_out", "bias", post_m(b_out)))
-
+    parts = writes(model, cache, (0, t), layers, n_full)
     labels = [p[0] for p in parts]
     kinds = [p[1] for p in parts]
     resid = torch.stack([p[2] for p in parts])
@@ -281,13 +275,48 @@ def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
     # sum to the target, so an unanticipated block layout is refused rather than answered
     bound = default_tolerance(dec.act.dtype)
     if not dec.relative_error <= bound:
-        raise NotExactError(dec, bound, (
-            "The component parts do not sum to the target: this block layout (e.g. post-norm "
-            "blocks, positions that enter only Q/K) is not one decompose knows; use "
-            "lin_lens.linear_map for the exact map of the whole activation."))
+        raise NotExactError(dec, bound, NOT_SUMMING)
     if operators:
         _add_operators(model, tokens, dec, t, layers, n_full, P, **kw)
     return dec
+
+
+def require_fired(cache: Any, *hooks: str) -> None:
+    """Refuse a target hook that is a model's hook but did not fire (``hook_resid_mid`` of a
+    parallel-attention block, GPT-J / Pythia)."""
+    missing = [h for h in hooks if h != "logits" and h not in cache.cache_dict]
+    if missing:
+        raise InvalidArgumentError(f"decompose: {missing[0]!r} did not fire in the forward pass "
+                                   "of this model (parallel attention has no resid_mid)")
+
+
+def writes(model: Any, cache: Any, at: tuple, layers: list[int],
+           n_full: int) -> list[tuple[str, str, Tensor]]:
+    """(label, kind, what it wrote into the residual stream ``[..., d_model]``) per component,
+    read from a detached cache at ``cache[...][at]``: ``at = (0, t)`` for one prompt, or
+    ``(rows, targets)`` for one target per row of a batch (a bias's write may then broadcast)."""
+    parts: list[tuple[str, str, Tensor]] = [("embed", "embed", cache["hook_embed"][at])]
+    if "hook_pos_embed" in cache.cache_dict:
+        parts.append(("pos_embed", "pos_embed", cache["hook_pos_embed"][at]))
+    for layer in layers:
+        block = model.blocks[layer]
+        post_a = _post_norm(block, cache, layer, "ln1", at)
+        z = cache[f"blocks.{layer}.attn.hook_z"][at]
+        W_O_l = W_O(model, layer)
+        for h in range(W_O_l.shape[0]):
+            parts.append((f"L{layer}H{h}", "head", post_a(z[..., h, :] @ W_O_l[h])))
+        b_O = nonzero_bias(block.attn, "b_O")
+        if b_O is not None:
+            parts.append((f"blocks.{layer}.attn.b_O", "bias", post_a(b_O)))
+        if layer == n_full:  # resid_mid: attention only
+            continue
+        post_m = _post_norm(block, cache, layer, "ln2", at)
+        b_out = nonzero_bias(block.mlp, "b_out")
+        mlp = cache[f"blocks.{layer}.hook_mlp_out"][at]
+        parts.append((f"L{layer}.mlp", "mlp", mlp - (post_m(b_out) if b_out is not None else 0)))
+        if b_out is not None:
+            parts.append((f"blocks.{layer}.mlp.b_out", "bias", post_m(b_out)))
+    return parts
 
 
 def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layers: list[int],
@@ -305,7 +334,7 @@ def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layer
     consts: dict[str, Tensor] = {"embed": torch.zeros_like(dec.parts[0])}
     for layer in layers:
         block = model.blocks[layer]
-        post_a = _post_norm(block, cache, layer, "ln1", t)
+        post_a = _post_norm(block, cache, layer, "ln1", (0, t))
         for h, hm in enumerate(head_operators(model, tokens, layer, t, **kw)):
             # a post norm acts on the output axis: move it last, apply, move back
             ops[f"L{layer}H{h}"] = proj(post_a(hm.J.transpose(-1, -2)).transpose(-1, -2))

@@ -7,10 +7,13 @@
 * :func:`run` / :func:`read`: crash-safe, resumable runs (schema: :mod:`.schema`).
 * :func:`batched_contributions`: exact per-token contributions of a direction (a logit
   difference, say) for a padded batch of prompts in one backward pass.
+* :func:`batched_decompose`: the same scalar split exactly per component (embeddings, heads,
+  MLPs, biases), for a padded batch in one forward pass.
 * :func:`stable_rank_plot`, :func:`compare`: population views across runs.
 """
 
 from lin_lens.corpus.batched import BatchedContributions, PaddingLeakError, batched_contributions
+from lin_lens.corpus.batched_decompose import BatchedDecomposition, batched_decompose
 from lin_lens.corpus.prompts import load_prompts, phrases
 from lin_lens.corpus.run import run
 from lin_lens.corpus.schema import SCHEMA, SCHEMA_VERSION, prompt_id
@@ -22,9 +25,11 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "BatchedContributions",
+    "BatchedDecomposition",
     "LoadSpec",
     "PaddingLeakError",
     "batched_contributions",
+    "batched_decompose",
     "compare",
     "load_prompts",
     "phrases",
