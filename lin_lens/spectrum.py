@@ -11,6 +11,13 @@ Conventions (used everywhere in lin_lens):
   ``u·(J x) = s (v·x) ≥ 0``: u is the direction the *actual* input pushes the output along.
 
 Functions accept a :class:`lin_lens.LinearMap` (anything with ``J`` and ``x``) or a tensor.
+
+**Cost.** Analyses must cost little next to the maps. The stable rank needs only ``‖J‖_F²`` and
+``s_max``, and a top-k SVD only k eigenpairs of the smaller Gram matrix (``J Jᵀ`` or ``Jᵀ J``,
+formed in float64): both come from a few block subspace iterations with Rayleigh–Ritz on that
+Gram matrix, each Ritz pair checked by its residual (``‖G v − λ v‖ ≤ 1e-10 λ_max``, so every
+kept ``s²`` is within 1e-10·s_max² of a true one), with an exact ``eigh`` as the fallback. Full
+spectra (``k=None``) still go through LAPACK.
 """
 
 from __future__ import annotations
@@ -33,18 +40,22 @@ class SVD:
     """Top-k singular triplets of a (batch of) matrices, oriented by the sign convention above.
 
     ``U [..., d_out, k]``, ``S [..., k]``, ``Vh [..., k, d_in]``; ``spectrum [..., r]`` holds
-    all singular values (stable rank needs them even when k is small).
+    all singular values when they were computed (``k=None``), else ``None``; ``sum_sq [...]``
+    is ``Σ s² = ‖J‖_F²``, which with ``S[..., 0]`` gives the stable rank at any k.
     """
 
     U: Tensor
     S: Tensor
     Vh: Tensor
-    spectrum: Tensor
+    spectrum: Tensor | None
     stacked: bool = False
+    sum_sq: Tensor | None = None
 
     @property
     def stable_rank(self) -> Tensor:
-        return stable_rank(self.spectrum, singular_values=True)
+        if self.sum_sq is None:
+            return stable_rank(self.spectrum, singular_values=True)
+        return _ratio(self.sum_sq, self.S[..., 0].to(self.sum_sq.dtype).pow(2)).to(self.S.dtype)
 
     def reconstruct(self) -> Tensor:
         """``U diag(S) Vh`` (the matrix itself when k is the full rank)."""
@@ -86,7 +97,11 @@ def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
         J = stacked_operator(J)
         x = None if x is None else x.reshape(-1)
     m, n = J.shape[-2], J.shape[-1]
-    if m >= GRAM_RATIO * n and J.numel() >= GRAM_MIN_NUMEL:
+    if k is not None and 0 < k and k * TOPK_FRACTION <= min(m, n):
+        U, S, Vh = _topk_svd(J, k)
+        U, Vh = _orient(U, Vh, x)
+        return SVD(U, S, Vh, None, stacked, sum_sq=_sum_sq(J))
+    if max(m, n) >= GRAM_RATIO * min(m, n) and J.numel() >= GRAM_MIN_NUMEL:
         U, S, Vh = _gram_svd(J, k)
     else:
         U, S, Vh = torch.linalg.svd(J, full_matrices=False)
@@ -95,12 +110,86 @@ def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
     return SVD(U[..., :k], S[..., :k], Vh[..., :k, :], S, stacked)
 
 
-# Tall, large matrices (maps at "logits": d_out = vocab) go through the float64 Gram matrix:
-# ~5x faster than LAPACK's SVD there; singular values accurate to ~1e-16·s_max²/s.
+# Tall or wide, large matrices (maps at "logits": d_out = vocab) go through the float64 Gram
+# matrix of their smaller side: ~5x faster than LAPACK's SVD there; singular values accurate to
+# ~1e-16·s_max²/s.
 GRAM_RATIO, GRAM_MIN_NUMEL = 4, 20_000_000
+# top-k by subspace iteration when k ≤ min(m, n) / TOPK_FRACTION (else the full eigh is as cheap)
+TOPK_FRACTION = 8
+TOPK_TOL, TOPK_MAX_ITER = 1e-10, 200
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def _sum_sq(J: Tensor) -> Tensor:
+    return J.double().pow(2).sum((-2, -1))
+
+
+def _gram(J: Tensor) -> tuple[Tensor, bool]:
+    """The float64 Gram matrix of J's smaller side, and whether it is ``J Jᵀ`` (wide J)."""
+    A = J.double()
+    wide = J.shape[-2] <= J.shape[-1]
+    return (A @ A.mT if wide else A.mT @ A), wide
+
+
+def top_eigh(G: Float[Tensor, "... r r"], k: int, *, tol: float = TOPK_TOL,
+             max_iter: int = TOPK_MAX_ITER) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs ``(λ [..., k] descending, V [..., r, k])`` of symmetric PSD matrices.
+
+    Block subspace iteration (block k + 8), four products with G per orthonormalisation (each
+    step gains four powers of the eigenvalue ratio), Rayleigh–Ritz on ``G`` itself, stopped
+    when every kept pair's residual ``‖G v − λ v‖ ≤ tol · λ_max``; matrices not converged
+    after ``max_iter`` steps (flat spectra) get an exact ``eigh``."""
+    r = G.shape[-1]
+    b = min(r, k + 8)
+    if 2 * b >= r:
+        return _eigh_top(G, k)
+    H = G / G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
+    gen = torch.Generator(device=G.device).manual_seed(0)
+    X = torch.randn(*G.shape[:-1], b, generator=gen, dtype=G.dtype, device=G.device)
+    X = torch.linalg.qr(X).Q
+    for _ in range(max_iter):
+        X = torch.linalg.qr(H @ (H @ (H @ (H @ X)))).Q  # r²·b each, not a matrix power (r³)
+        GX = G @ X
+        ev, W = torch.linalg.eigh(X.mT @ GX)  # Rayleigh–Ritz on G, ascending
+        ev, W = ev.flip(-1), W.flip(-1)
+        X, GX = X @ W, GX @ W
+        res = (GX[..., :k] - X[..., :k] * ev[..., None, :k]).norm(dim=-2)
+        if bool((res <= tol * ev[..., :1].abs().clamp_min(1e-300)).all()):
+            return ev[..., :k].clamp_min(0), X[..., :k]
+    return _eigh_top(G, k)
+
+
+def _eigh_top(G: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    ev, V = torch.linalg.eigh(G)
+    return ev.flip(-1)[..., :k].clamp_min(0), V.flip(-1)[..., :k]
+
+
+def _topk_svd(J: Tensor, k: int, gram: tuple[Tensor, bool] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    G, wide = _gram(J) if gram is None else gram
+    ev, W = top_eigh(G, k)
+    S = ev.sqrt()
+    inv = torch.where(S > 0, 1 / S.clamp_min(1e-300), 0.0)[..., None, :]
+    A = J.double()
+    if wide:  # W holds left singular vectors; v = Jᵀ u / s
+        U, V = W, (A.mT @ W) * inv
+    else:
+        U, V = (A @ W) * inv, W
+    return U.to(J.dtype), S.to(J.dtype), V.mT.to(J.dtype)
+
+
+def s_max(J: Float[Tensor, "... m n"]) -> Tensor:
+    """The largest singular value of each matrix (float64), from its Gram matrix."""
+    return top_eigh(_gram(J)[0], 1)[0][..., 0].sqrt()
 
 
 def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    if J.shape[-2] < J.shape[-1]:  # wide: the SVD of Jᵀ, transposed back
+        V, S, Uh = _gram_svd(J.mT, k)
+        return Uh.mT, S, V.mT
     G = J.transpose(-1, -2).double() @ J.double()
     ev, V = torch.linalg.eigh(G)  # ascending
     S = ev.flip(-1).clamp_min(0).sqrt()
@@ -123,13 +212,28 @@ def stable_rank(obj: Any, *, stacked: bool = False,
     """
     if isinstance(obj, SVD):
         return obj.stable_rank
-    if _is_map(obj):
-        J = stacked_operator(obj.J) if stacked else obj.J
-        s = torch.linalg.svdvals(J)
-    elif singular_values:
-        s = obj
-    else:
-        s = torch.linalg.svdvals(stacked_operator(obj) if stacked else obj)
+    if not singular_values:  # ‖J‖_F² / s_max², s_max from the Gram matrix: no SVD
+        J = obj.J if _is_map(obj) else obj
+        J = stacked_operator(J) if stacked else J
+        return _ratio(_sum_sq(J), s_max(J).pow(2)).to(J.dtype)
+    s = obj
     s2 = s.pow(2)
     top = s2.amax(-1)
     return torch.where(top > 0, s2.sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+
+
+def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
+    """Per-token stable ranks ``[n_src]`` and the stacked operator's top-k :class:`SVD` of a
+    single-target map, sharing one set of Gram matrices: when ``d_out ≤ d_in`` the stacked
+    operator's ``J Jᵀ`` is the sum of the per-token ones. The cheap summary sweeps and corpus
+    runs take for every map."""
+    J = lm.J
+    d_out, d_in = J.shape[-2], J.shape[-1]
+    Js = stacked_operator(J)
+    if d_out > d_in or k * TOPK_FRACTION > d_out:
+        return stable_rank(lm), svd(lm, k, stacked=True)
+    G, _ = _gram(J)  # [n_src, d_out, d_out]
+    sr = _ratio(_sum_sq(J), top_eigh(G, 1)[0][..., 0]).to(J.dtype)
+    U, S, Vh = _topk_svd(Js, k, gram=(G.sum(0), True))
+    U, Vh = _orient(U, Vh, lm.x.reshape(-1))
+    return sr, SVD(U, S, Vh, None, True, sum_sq=_sum_sq(Js))

@@ -31,7 +31,7 @@ from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPosi
 from lin_lens.maps import LinearMap, operators_at_hooks, to_tokens
 from lin_lens.maps.request import as_index, is_int_position, positions
 from lin_lens.progress import progress_bar
-from lin_lens.spectrum import SVD, stable_rank, svd
+from lin_lens.spectrum import SVD, map_spectra, stable_rank, svd
 
 KINDS = ("resid_post", "attn_out", "mlp_out", "transform")
 _HOOK = {"resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
@@ -165,31 +165,51 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
                 got["transform"] = operators_at_hooks(model, tokens, [tgt], t, source=src,
                                                       **kw)[tgt]
             for kd, lm in got.items():
-                per[kd].append(_summarise(model, lm, focus, k, top))
+                per[kd].append(_summarise(model, lm, focus, k))
                 if keep_maps:
                     maps[(kd, layer)] = lm
             bar.update(len(got))
     finally:
         bar.close()
+    _decode_all(model, [r for rows in per.values() for r in rows], k, top)
     return _assemble(model, tokens, t, layers, list(kinds), focus, per,
                      maps if keep_maps else None)
 
 
-def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int, top: int) -> dict:
+def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int) -> dict:
+    """One map's numbers: a top-k SVD (of the Gram matrix, lin_lens.spectrum) and stable ranks
+    from ‖J‖_F² and s_max; no full SVD. The vectors to decode are decoded for all maps at once."""
     d_model = model.cfg.d_model
-    f = _focus_svd(lm, focus, max(k, 2))
-    U, V = f.U, f.Vh.T
     n_src, d_in = lm.J.shape[0], lm.J.shape[-1]
-    if focus == "stacked":  # decode v on the source token carrying most of it
-        Vb = V.T.reshape(-1, n_src, d_in)
+    if focus == "stacked":
+        sr, f = map_spectra(lm, max(k, 2))
+        ssr = f.stable_rank
+        U, V = f.U, f.Vh.T
+        Vb = V.T.reshape(-1, n_src, d_in)  # decode v on the source token carrying most of it
         V_dec = Vb[torch.arange(Vb.shape[0]), Vb.norm(dim=-1).argmax(-1)].T
     else:
+        f = _focus_svd(lm, focus, max(k, 2))
+        sr, ssr = stable_rank(lm), stable_rank(lm, stacked=True)
+        U, V = f.U, f.Vh.T
         V_dec = V
-    out = (decode_vectors(model, U[:, :k], "out", top) if lm.J.shape[-2] == d_model
-           else [None] * k)
-    inp = decode_vectors(model, V_dec[:, :k], "in", top) if d_in == d_model else [None] * k
-    return {"sr": stable_rank(lm), "ssr": stable_rank(lm, stacked=True), "S": f.S[:k],
-            "U": U[:, :2], "V": V[:, :2], "out": out, "in": inp, "err": lm.relative_error}
+    return {"sr": sr, "ssr": ssr, "S": f.S[:k], "U": U[:, :2], "V": V[:, :2],
+            "to_out": U[:, :k] if lm.J.shape[-2] == d_model else None,
+            "to_in": V_dec[:, :k] if d_in == d_model else None, "err": lm.relative_error}
+
+
+def _decode_all(model: Any, rows: list[dict], k: int, top: int) -> None:
+    """Decode every map's vectors in one vocabulary product per space (``out``, ``in``)."""
+    for key, space, name in (("to_out", "out", "out"), ("to_in", "in", "in")):
+        have = [r for r in rows if r[key] is not None]
+        decoded = (decode_vectors(model, torch.cat([r[key] for r in have], dim=1), space, top)
+                   if have else [])
+        start = 0
+        for r in have:
+            n = r[key].shape[1]
+            r[name], start = decoded[start:start + n], start + n
+        for r in rows:
+            if r.pop(key) is None:
+                r[name] = [None] * k
 
 
 def _assemble(model, tokens, t, layers, kinds, focus, per, maps) -> LayerSweep:
