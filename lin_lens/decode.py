@@ -85,7 +85,7 @@ def output_logit_directions(model: Any, U: Float[Tensor, "d_model n"], *,
                             through_norm: bool = True) -> Float[Tensor, "d_vocab n"]:
     """Logit change per unit of each residual-space column of ``U`` (see module docstring)."""
     W_U = model.W_U.detach()
-    U = U.to(W_U.dtype)
+    U = U.to(W_U)  # W_U's dtype and device
     if through_norm:
         w, center = _final_norm(model)
         if center:
@@ -98,7 +98,7 @@ def output_logit_directions(model: Any, U: Float[Tensor, "d_model n"], *,
 def input_similarities(model: Any, V: Float[Tensor, "d_model n"]) -> Float[Tensor, "d_vocab n"]:
     """Cosine similarity of each column of ``V`` with every row of ``W_E``."""
     W_E = model.W_E.detach()
-    V = V.to(W_E.dtype)
+    V = V.to(W_E)
     num = W_E @ V
     den = W_E.norm(dim=-1, keepdim=True) * V.norm(dim=0, keepdim=True)
     return num / den.clamp_min(torch.finfo(W_E.dtype).tiny)
@@ -292,8 +292,7 @@ def decode(model: Any, lm: Any, k: int = 3, top: int = 5, *, n_rows: int = 3,
     if lm.hook in ("ln_final.hook_out", "unembed.hook_in"):
         through_norm = False  # already past the final norm's weight
     J = lm.J
-    dec = spectrum.svd(lm, k)
-    st = spectrum.svd(lm, k, stacked=True)
+    dec, st = spectrum.map_svds(lm, k)
 
     def dec_out(cols: Tensor) -> list:
         if out_space is None:
@@ -306,20 +305,24 @@ def decode(model: Any, lm: Any, k: int = 3, top: int = 5, *, n_rows: int = 3,
             return [None] * cols.shape[1]
         return decode_vectors(model, cols, "in", top)
 
-    out, inp, cols, rows = [], [], [], []
-    for i in range(J.shape[0]):
-        out.append(dec_out(dec.U[i]))
-        inp.append(dec_in(dec.Vh[i].T))
-        cn = J[i].norm(dim=0)  # column j: what input coordinate j writes (output side)
-        ci = cn.topk(min(n_rows, cn.numel())).indices
-        cols.append(list(zip(ci.tolist(), cn[ci].tolist(), dec_out(J[i][:, ci]), strict=True)))
-        rn = J[i].norm(dim=1)  # row r: what output coordinate r reads (input side)
-        ri = rn.topk(min(n_rows, rn.numel())).indices
-        rows.append(list(zip(ri.tolist(), rn[ri].tolist(), dec_in(J[i][ri].T), strict=True)))
+    n_src = J.shape[0]
+    col_idx = [J[i].norm(dim=0).topk(min(n_rows, J.shape[-1])) for i in range(n_src)]
+    row_idx = [J[i].norm(dim=1).topk(min(n_rows, J.shape[-2])) for i in range(n_src)]
+    # one vocabulary product per space for every token's vectors, rows and columns
+    out = _split(dec_out, [dec.U[i] for i in range(n_src)]
+                 + [J[i][:, c.indices] for i, c in enumerate(col_idx)])
+    inp = _split(dec_in, [dec.Vh[i].T for i in range(n_src)]
+                 + [J[i][r.indices].T for i, r in enumerate(row_idx)])
+    # column j: what input coordinate j writes (output side); row r: what output r reads
+    cols = [list(zip(c.indices.tolist(), c.values.tolist(), d, strict=True))
+            for c, d in zip(col_idx, out[n_src:], strict=True)]
+    rows = [list(zip(r.indices.tolist(), r.values.tolist(), d, strict=True))
+            for r, d in zip(row_idx, inp[n_src:], strict=True)]
+    out, inp = out[:n_src], inp[:n_src]
     # stacked V: decode the block of the source token that carries most of the vector
     Vb = st.Vh.reshape(st.Vh.shape[0], J.shape[0], J.shape[-1])
     which = Vb.norm(dim=-1).argmax(-1)
-    Vsel = Vb[torch.arange(Vb.shape[0]), which].T
+    Vsel = Vb[torch.arange(Vb.shape[0], device=Vb.device), which].T
     tokens = (token_strings(model, lm.tokens) if lm.tokens is not None
               else [f"[{i}]" for i in range(J.shape[0])])
     return Decoding(
@@ -328,6 +331,16 @@ def decode(model: Any, lm: Any, k: int = 3, top: int = 5, *, n_rows: int = 3,
         rows=rows, stacked_S=st.S, stacked_stable_rank=float(st.stable_rank),
         stacked_out=dec_out(st.U), stacked_in=dec_in(Vsel), stacked_in_token=which.tolist(),
         meta={"through_norm": through_norm, "out_space": out_space, "in_space": in_space})
+
+
+def _split(decoder: Any, blocks: list[Tensor]) -> list[list]:
+    """``[decoder(b) for b in blocks]`` with one call on the concatenated columns."""
+    flat = decoder(torch.cat(blocks, dim=1)) if sum(b.shape[1] for b in blocks) else []
+    out, start = [], 0
+    for b in blocks:
+        out.append(flat[start:start + b.shape[1]])
+        start += b.shape[1]
+    return out
 
 
 def top_singular_tokens(model: Any, lm: Any, k: int = 3, top: int = 5,
