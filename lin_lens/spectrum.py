@@ -124,7 +124,7 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _sum_sq(J: Tensor) -> Tensor:
-    return J.double().pow(2).sum((-2, -1))
+    return torch.linalg.vector_norm(J, dim=(-2, -1), dtype=torch.float64).pow(2)
 
 
 def _gram(J: Tensor) -> tuple[Tensor, bool]:

@@ -67,20 +67,44 @@ class TopSingular:
                 f"{self.info['n_jvp']} JVPs + {self.info['n_vjp']} VJPs)")
 
 
-def _orth(W: Tensor, bases: list[Tensor]) -> Tensor:
-    """Orthonormal basis of the part of ``W`` orthogonal to every block in ``bases``; columns
-    that were (numerically) already in their span are dropped, so the result may be narrower."""
+class _Columns:
+    """A growing block of columns in one preallocated buffer: appending copies only the new
+    columns, and ``.mat`` is a view (no ``torch.cat`` of the whole Krylov basis per step, which
+    costs O(N·m) memory traffic each time at N = n·d_in)."""
+
+    def __init__(self, rows: int, cap: int, like: Tensor):
+        self.buf = like.new_empty(rows, cap)
+        self.width = 0
+
+    def add(self, Q: Tensor) -> None:
+        if self.width + Q.shape[1] > self.buf.shape[1]:  # rare: grow geometrically
+            new = self.buf.new_empty(self.buf.shape[0], 2 * self.buf.shape[1] + Q.shape[1])
+            new[:, :self.width] = self.buf[:, :self.width]
+            self.buf = new
+        self.buf[:, self.width:self.width + Q.shape[1]] = Q
+        self.width += Q.shape[1]
+
+    @property
+    def mat(self) -> Tensor:
+        return self.buf[:, :self.width]
+
+
+def _orth(W: Tensor, basis: Tensor | None) -> Tensor:
+    """Orthonormal basis of the part of ``W`` orthogonal to the orthonormal columns of
+    ``basis``; columns that were (numerically) already in their span are dropped, so the result
+    may be narrower. Block classical Gram–Schmidt, twice (one matrix product per pass)."""
     scale = float(torch.linalg.vector_norm(W, dim=0).max()) if W.numel() else 0.0
     if scale == 0.0:
         return W[:, :0]
-    for _ in range(2):  # classical Gram–Schmidt twice, against every earlier block
-        for Q in bases:
-            W = W - Q @ (Q.T @ W)
+    B = basis if basis is not None and basis.shape[1] else None
+    if B is not None:
+        for _ in range(2):
+            W = W - B @ (B.T @ W)
     Q, R = torch.linalg.qr(W)
     keep = R.diagonal().abs() > 1e3 * torch.finfo(W.dtype).eps * scale
     Q = Q[:, keep]
-    for Qb in bases:  # once more after dropping, for orthogonality to working precision
-        Q = Q - Qb @ (Qb.T @ Q)
+    if B is not None:  # once more after dropping, for orthogonality to working precision
+        Q = Q - B @ (B.T @ Q)
     return torch.linalg.qr(Q)[0] if Q.shape[1] else Q
 
 
@@ -162,7 +186,7 @@ def top_singular(model: Any, req: MapRequest, k: int = 16, *, block: int | None 
             return batched_grad(JTu, u0, T.view(-1, *x.shape), chunk=chunk).T
 
         res_k = _block_lanczos(jvp, vjp, N, d_space, k, block, tol, vec_tol, m_max, seed,
-                               dtype, req.progress, guard)
+                               dtype, req.progress, guard, device=x.device)
     U, S_k, right, info = res_k
     if len(S_k) < k:
         raise InvalidArgumentError(
@@ -186,46 +210,46 @@ def _ritz_errors(S: Tensor, res: Tensor) -> Tensor:
 
 def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: float,
                    vec_tol: float, m_max: int, seed: int, dtype: torch.dtype,
-                   progress: bool | None, guard: int = 0
+                   progress: bool | None, guard: int = 0, device: Any = "cpu"
                    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
     """Block Golub–Kahan–Lanczos for ``J`` given as ``jvp``/``vjp`` on blocks of columns:
     ``(U [d_out, k], S [k], V [N, k], info)``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    Vj = torch.linalg.qr(torch.randn(N, block, generator=gen, dtype=dtype))[0]
-    Vs: list[Tensor] = []
-    JVs: list[Tensor] = []
-    Us: list[Tensor] = []
-    JTUs: list[Tensor] = []
+    # the start vector from a CPU generator (the same on every device), then on the model's
+    Vj = torch.linalg.qr(torch.randn(N, block, generator=gen, dtype=dtype))[0].to(device)
+    cap = m_max * block + block
+    Vs, JTUs = _Columns(N, cap, Vj), _Columns(N, cap, Vj)
+    Us, JVs = _Columns(d_space, cap, Vj), _Columns(d_space, cap, Vj)
     history: list[dict[str, float]] = []
     n_jvp = n_vjp = it = 0
     converged = complete = exhausted = False
     bar = progress_bar(m_max, f"matrix-free top-{k}", progress, unit="it")
     try:
         for it in range(m_max):  # noqa: B007 (reported in info)
-            rem = d_space - sum(u.shape[1] for u in Us)
+            rem = d_space - Us.width
             Vj = Vj[:, :rem]
             if Vj.shape[1] == 0:
                 exhausted = True
                 break
             W = jvp(Vj)
             n_jvp += Vj.shape[1]
-            Vs.append(Vj)
-            JVs.append(W)
-            Uj = _orth(W, Us)
+            Vs.add(Vj)
+            JVs.add(W)
+            Uj = _orth(W, Us.mat)
             if Uj.shape[1]:
                 Z = vjp(Uj)
                 n_vjp += Uj.shape[1]
-                Us.append(Uj)
-                JTUs.append(Z)
-            if not Us:
+                Us.add(Uj)
+                JTUs.add(Z)
+            if not Us.width:
                 raise InvalidArgumentError(
                     "the operator is zero or not finite here (J·v has no usable direction for "
                     "a random v): no singular values to find")
-            Ucat, Vcat = torch.cat(Us, 1), torch.cat(Vs, 1)
+            Ucat, Vcat = Us.mat, Vs.mat
             complete = Ucat.shape[1] >= d_space
             exhausted = not Uj.shape[1]  # J·V_j ⊆ span(U): U holds the range J reaches
             if complete or exhausted:  # Uᵀ J (from the VJPs) is J restricted to span(U)
-                P, S, Qh = torch.linalg.svd(torch.cat(JTUs, 1).T, full_matrices=False)
+                P, S, Qh = torch.linalg.svd(JTUs.mat.T, full_matrices=False)
                 kk = min(k, len(S))
                 right = Qh[:kk].T
                 res = torch.linalg.vector_norm(jvp(right) - Ucat @ P[:, :kk] * S[:kk], dim=0)
@@ -233,10 +257,10 @@ def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: floa
                 converged = complete or bool((res <= tol * S[:kk]).all())
                 bar.update(1)
                 break
-            P, S, Qh = torch.linalg.svd(Ucat.T @ torch.cat(JVs, 1), full_matrices=False)
+            P, S, Qh = torch.linalg.svd(Ucat.T @ JVs.mat, full_matrices=False)
             kk, kg = min(k, len(S)), min(k + guard, len(S))
             right = Vcat @ Qh[:kg].T
-            res = torch.linalg.vector_norm(torch.cat(JTUs, 1) @ P[:, :kg] - right * S[:kg], dim=0)
+            res = torch.linalg.vector_norm(JTUs.mat @ P[:, :kg] - right * S[:kg], dim=0)
             quad = _ritz_errors(S, res)
             ok = (quad <= tol * S[:kg]) & (res <= vec_tol * S[:kg])
             ok_guard = (quad <= GUARD_TOL * S[:kg]) & (res <= math.sqrt(GUARD_TOL) * S[:kg])
@@ -248,7 +272,7 @@ def _block_lanczos(jvp, vjp, N: int, d_space: int, k: int, block: int, tol: floa
             if kk == k and kg == k + guard and bool(ok[:k].all() & ok_guard[k:].all()):
                 converged = True
                 break
-            Vj = _orth(Z, Vs)
+            Vj = _orth(Z, Vcat)
     finally:
         bar.close()
     S_k = S[:kk]
