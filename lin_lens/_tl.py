@@ -252,20 +252,22 @@ class HookSet:
         else:
             module.register_forward_hook(tag)
 
-    def remove(self) -> None:
-        def drop() -> None:
-            while self._tags:
-                module, tag = self._tags[-1]
-                _drop(module, tag)
-                self._tags.pop()
+    def _drop_all(self) -> None:
+        while self._tags:
+            module, tag = self._tags[-1]
+            _drop(module, tag)
+            self._tags.pop()
 
-        finish(drop)
+    # Both go straight to finish(): no statement of ours runs between the start of clean-up and
+    # the point where a Ctrl-C is held (a nested ``def`` or a call to remove() would be one).
+    def remove(self) -> None:
+        finish(self._drop_all)
 
     def __enter__(self) -> HookSet:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        finish(self._drop_all)
 
 
 def _drop(module: torch.nn.Module, tag: _Tagged) -> None:
