@@ -21,6 +21,7 @@ from torch import Tensor
 from lin_lens import display, spectrum
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import model_dtype, resolve_hook
 from lin_lens.analyses import layer_sweep
 from lin_lens.display import plots
@@ -83,6 +84,7 @@ def _hook_analysis(model, tokens, hook, pos, labels, ordinary, k, progress) -> H
                         time.perf_counter() - t0)
 
 
+@exact_matmul()
 def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos: int = -1, *,
             ordinary: bool = True, sweep: bool | list[int] = False, attn_layers=None,
             k: int = 8, model_name: str = "", progress: bool | None = None) -> Analysis:
@@ -118,7 +120,7 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
             timings[h] = results[h].seconds
             bar.update()
         t1 = time.perf_counter()
-        onehot = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+        onehot = torch.zeros_like(logits)
         onehot[int(top.indices[0])] = 1
         bar.set_postfix_str("predicted logit")
         logit_map = linear_map(model, tokens, "logits", pos, direction=onehot, progress=False)

@@ -46,9 +46,11 @@ def tiny_model(
     n_layers: int = 2,
     d_model: int = 16,
     d_vocab: int = 50,
+    device: str | torch.device = "cpu",
     **overrides: Any,
 ):
-    """A tiny random ``HookedTransformer`` of the given family (see ``HOOKED_ARCHS``).
+    """A tiny random ``HookedTransformer`` of the given family (see ``HOOKED_ARCHS``), on
+    ``device`` (the weights are drawn on the CPU first, so they are the same on every device).
 
     Raises :class:`HookedTransformerUnavailable` on TransformerLens 4.x (the test suite turns it
     into a skip); :func:`tiny_bridge` works on every version.
@@ -65,7 +67,7 @@ def tiny_model(
         raise InvalidArgumentError(f"unknown arch {arch!r}; choose from {sorted(HOOKED_ARCHS)}")
     fields = dict(
         n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=d_model // 4, n_heads=4,
-        d_mlp=2 * d_model, d_vocab=d_vocab, dtype=dtype, seed=seed,
+        d_mlp=2 * d_model, d_vocab=d_vocab, dtype=dtype, seed=seed, device=str(device),
     )
     fields.update(HOOKED_ARCHS[arch])
     fields.update(overrides)
@@ -142,8 +144,9 @@ def _hf_config(arch: str, d_vocab: int):
 
 
 def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0,
-                d_vocab: int = 50):
-    """A tiny random ``TransformerBridge`` built offline from a Hugging Face config."""
+                d_vocab: int = 50, device: str | torch.device = "cpu"):
+    """A tiny random ``TransformerBridge`` built offline from a Hugging Face config, on
+    ``device`` (weights drawn on the CPU first)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers as tf
 
@@ -151,9 +154,10 @@ def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: i
     torch.manual_seed(seed)
     hf = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
     _randomize_hf(hf, seed)
-    hf.eval()  # from_config leaves dropout on
+    hf.to(device).eval()  # from_config leaves dropout on; the Bridge keeps hf_model where it is
     return TransformerBridge.boot_transformers(
-        f"tiny-{arch}", hf_model=hf, tokenizer=tiny_tokenizer(d_vocab), device="cpu", dtype=dtype
+        f"tiny-{arch}", hf_model=hf, tokenizer=tiny_tokenizer(d_vocab), device=str(device),
+        dtype=dtype
     )
 
 

@@ -8,12 +8,21 @@ TransformerLens has, and a snapshot of everything lin_lens must leave as it was.
         model = tiny("llama", backend)          # cached: leave it as you found it
         model = tiny("gpt2", backend, fresh=True)  # your own copy, to mutate
 
+Device: ``LIN_LENS_DEVICE`` (default ``cpu``) is where ``tiny`` puts its models, e.g.
+``LIN_LENS_DEVICE=cuda python -m pytest tests -m "not slow"`` runs the device-agnostic tests on
+a GPU; tests that only work on the CPU are marked ``@cpu_only(why)`` and skip there. ``lazy``
+(torch's TorchScript lazy-tensor backend) is a second device on a CPU-only machine, a rough aid
+for finding CPU/device mix-ups without a GPU, on chosen files only: it is slow, crashes in
+forward-mode AD (ordinary_reconstruction, batched contributions) and has false alarms of its own
+(``x.unbind(0)[0].clone()`` lands on the CPU).
+
 Markers live in pyproject.toml ([tool.pytest.ini_options]); none are registered here.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import pytest
@@ -36,6 +45,31 @@ ARCHS = ("gpt2", "llama", "pythia", "gemma", "qwen3")
 BRIDGE_ARCH = {"gemma": "gemma3"}
 # cfg flags lin_lens may switch on for a computation and must switch back.
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")
+# Where tiny() builds its models (see the module docstring).
+DEVICE: str = os.environ.get("LIN_LENS_DEVICE", "cpu").strip() or "cpu"
+ON_DEVICE = torch.device(DEVICE).type != "cpu"
+
+
+def pytest_configure(config):
+    """Fail at once, not test by test, when LIN_LENS_DEVICE names a device this machine lacks."""
+    kind = torch.device(DEVICE).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"LIN_LENS_DEVICE={DEVICE} but torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda={torch.version.cuda}); unset LIN_LENS_DEVICE to test on the CPU")
+    if kind == "lazy":
+        importlib.import_module("torch._lazy.ts_backend").init()
+
+
+def to_device(model):
+    """``model`` (built elsewhere, e.g. from a LoadSpec) moved to ``DEVICE``."""
+    return model.to(DEVICE, print_details=False) if ON_DEVICE else model
+
+
+def cpu_only(why: str):
+    """Mark a test that runs on the CPU only (a subprocess, Ray workers, a notebook, a real
+    model loaded on the CPU); under LIN_LENS_DEVICE=cuda it is skipped with ``why``."""
+    return pytest.mark.skipif(ON_DEVICE, reason=f"CPU only: {why} (LIN_LENS_DEVICE={DEVICE})")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -66,7 +100,8 @@ def requires_hooked(why: str):
 def tiny(arch: str, backend: str, dtype: torch.dtype = torch.float64, *,
          tokenizer: bool = False, fresh: bool = False):
     """The tiny random model of family ``arch`` ("gpt2", "llama", "pythia", "gemma", "qwen3";
-    "solu"/"relu" are HookedTransformer-only) on ``backend`` ("hooked" or "bridge").
+    "solu"/"relu" are HookedTransformer-only) on ``backend`` ("hooked" or "bridge"), on
+    ``DEVICE``.
 
     Cached per (arch, backend, dtype, tokenizer): a test that changes the model (hooks, weights,
     cfg, requires_grad) passes ``fresh=True`` or restores it. ``tokenizer=True`` gives the
@@ -80,10 +115,10 @@ def tiny(arch: str, backend: str, dtype: torch.dtype = torch.float64, *,
 
 def _build(arch: str, backend: str, dtype: torch.dtype, tokenizer: bool):
     if backend == "bridge":
-        return tiny_bridge(BRIDGE_ARCH.get(arch, arch), dtype)
+        return tiny_bridge(BRIDGE_ARCH.get(arch, arch), dtype, device=DEVICE)
     if backend != "hooked":
         raise ValueError(f"unknown backend {backend!r}; choose from hooked, bridge")
-    model = tiny_model(arch, dtype)
+    model = tiny_model(arch, dtype, device=DEVICE)
     if tokenizer:
         model.set_tokenizer(tiny_tokenizer(model.cfg.d_vocab), default_padding_side="right")
     return model

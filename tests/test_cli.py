@@ -12,7 +12,9 @@ import pytest
 
 from lin_lens import cli
 from lin_lens.models import available
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, cpu_only
+
+pytestmark = cpu_only("the CLI loads its models on the CPU (it has no --device)")
 
 
 def _tiny(backend: str) -> list[str]:

@@ -19,9 +19,9 @@ from lin_lens.decode import (
     visible,
 )
 from lin_lens.maps import LinearMap
-from tests.conftest import tiny
+from tests.conftest import DEVICE, tiny
 
-TOKENS = torch.tensor([3, 17, 5, 41, 8])
+TOKENS = torch.tensor([3, 17, 5, 41, 8], device=DEVICE)
 # How token i reads: a tiny HookedTransformer has no tokenizer ("#i"); a tiny Bridge has the
 # word-level one ("wi").
 TOKEN = {"hooked": "#{}", "bridge": "w{}"}
@@ -58,7 +58,7 @@ def test_decode_planted_directions(llama):
     w = m.ln_final.w.detach()
     with torch.no_grad():
         W_U = m.W_U.detach().clone()
-        e = torch.zeros(16, dtype=torch.float64)
+        e = torch.zeros(16, dtype=torch.float64, device=w.device)
         e[4] = 1.0
         m.W_U[:, out_tok] = 50.0 * e / w  # logit of out_tok reads coordinate 4 only
     try:
@@ -103,7 +103,8 @@ def test_output_directions_through_norm(llama, gpt2):
         _, cache = m.run_with_cache(TOKENS)
         r = cache["blocks.1.hook_resid_post"][0, -1]
         scale = cache["ln_final.hook_scale"][0, -1]
-        du = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        du = torch.randn(16, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1)).to(DEVICE)
         lm = lin_lens.linear_map(m, TOKENS, "logits", source="blocks.1.hook_resid_post")
         exact = lm.J[-1] @ du  # logits' response to du at the last position
         pred = output_logit_directions(m, du[:, None])[:, 0] / scale

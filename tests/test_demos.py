@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from lin_lens.models import available
+from tests.conftest import cpu_only
+
+pytestmark = cpu_only("the notebooks load their models on the CPU")
 
 DEMOS = sorted((Path(__file__).parent.parent / "demos").glob("*.ipynb"))
 NEEDS_SMOLLM2 = {"01_quickstart.ipynb", "03_layer_sweep.ipynb", "04_steering.ipynb",

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decode import norm_params
@@ -218,6 +219,7 @@ def _unembed_input(model: Any, cache: Any, at: tuple) -> Tensor:
     return v + b.detach() if b is not None else v
 
 
+@exact_matmul()
 def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
               out_index: Any = None, operators: bool = False, prepend_bos: bool | None = None,
               **kw: Any) -> Decomposition:

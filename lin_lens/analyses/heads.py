@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._precision import exact_matmul
 from lin_lens.maps import LinearMap, linear_map
 
 
@@ -14,6 +15,7 @@ def W_O(model: Any, layer: int) -> Tensor:
     return model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
 
 
+@exact_matmul()
 def head_operators(model: Any, inputs: Any, layer: int, pos: Any = -1, *,
                    source: str = "hook_embed", **kw: Any) -> list[LinearMap]:
     """One exact :class:`LinearMap` per head of ``layer``: its output ``z_h W_O[h]`` (TL's

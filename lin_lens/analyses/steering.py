@@ -43,6 +43,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lin_lens._html import table
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import HookSet
 from lin_lens.decode import token_strings
 from lin_lens.errors import InvalidArgumentError
@@ -64,13 +65,13 @@ class SteeringOperator:
     def apply(self, x: Float[Tensor, "n d_in"], tokens: Tensor | None = None
               ) -> Float[Tensor, "n d"]:
         """``s_k`` for every position of a new prompt with inputs ``x``."""
-        J = self.J.to(x.dtype)
+        J = self.J.to(x)  # x's dtype and device
         n, n_c = x.shape[0], J.shape[0]
         per = torch.einsum("cdi,ni->ncd", J, x)  # per[k, c] = J[c] x[k]
         s = torch.zeros(n, J.shape[1], dtype=x.dtype, device=x.device)
         if self.align == "cyclic":
             idx = torch.arange(n, device=x.device) % n_c
-            s = per[torch.arange(n), idx].cumsum(0)
+            s = per[torch.arange(n, device=x.device), idx].cumsum(0)
         elif self.align == "end":
             pin = self._pin(tokens)
             first = 1 if pin else 0
@@ -84,7 +85,7 @@ class SteeringOperator:
                     s[k] += per[0, 0]
         else:
             raise InvalidArgumentError(f"align must be 'end' or 'cyclic', got {self.align!r}")
-        return s + self.constant.to(x.dtype)
+        return s + self.constant.to(x)
 
     def _pin(self, tokens: Tensor | None) -> bool:
         if self.pin_first is not None:
@@ -92,6 +93,7 @@ class SteeringOperator:
         return tokens is not None and int(tokens.reshape(-1)[0]) == int(self.concept_tokens[0])
 
 
+@exact_matmul()
 def steering_operator(model: Any, concept: Any, layer: int, *, hook: str | None = None,
                       align: Literal["end", "cyclic"] = "end", pin_first: bool | None = None,
                       **kw: Any) -> SteeringOperator:
@@ -198,6 +200,7 @@ def _generate(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: floa
     return tokens, p_seq
 
 
+@exact_matmul()
 def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5, *,
           max_new_tokens: int = 20, align: Literal["end", "cyclic"] | None = None,
           positions: Literal["all", "last"] = "all", rescale: bool = False,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._html import table
+from lin_lens._precision import exact_matmul
 from lin_lens.decode import TokenList, decode_vectors, token_strings
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPositionError
 from lin_lens.maps import LinearMap, operators_at_hooks, to_tokens
@@ -126,6 +127,7 @@ def _abs_cos(A: Tensor, B: Tensor) -> Tensor:
     return (A.T @ B).abs()
 
 
+@exact_matmul()
 def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | None = None,
                 kinds: tuple[str, ...] = KINDS, focus: str | int = "stacked", k: int = 2,
                 top: int = 5, keep_maps: bool = False, progress: bool | None = None,
@@ -186,7 +188,7 @@ def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int) -> dict:
         ssr = f.stable_rank
         U, V = f.U, f.Vh.T
         Vb = V.T.reshape(-1, n_src, d_in)  # decode v on the source token carrying most of it
-        V_dec = Vb[torch.arange(Vb.shape[0]), Vb.norm(dim=-1).argmax(-1)].T
+        V_dec = Vb[torch.arange(Vb.shape[0], device=Vb.device), Vb.norm(dim=-1).argmax(-1)].T
     else:
         f = _focus_svd(lm, focus, max(k, 2))
         sr, ssr = stable_rank(lm), stable_rank(lm, stacked=True)

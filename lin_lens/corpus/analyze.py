@@ -16,6 +16,7 @@ import torch
 
 import lin_lens
 from lin_lens._numeric import relative_error
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import is_bridge, model_dtype
 from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
 from lin_lens.decode import token_strings
@@ -59,6 +60,7 @@ def check_hooks(model: Any, settings: dict[str, Any]) -> None:
             raise InvalidArgumentError(f"{what} {name!r} is not a hook of this model{hint}")
 
 
+@exact_matmul()
 def analyze_prompt(model: Any, text: str, index: int, settings: dict[str, Any]) -> list[dict]:
     """The rows of one prompt: one per target position, or one failure row."""
     t0 = time.perf_counter()
@@ -100,7 +102,7 @@ def _rows(model: Any, text: str, s: dict[str, Any]) -> list[dict]:
     logit_map = None
     if "contributions" in analyses:
         onehot = torch.zeros_like(logits)
-        onehot[torch.arange(len(tgt)), pred] = 1
+        onehot[torch.arange(len(tgt), device=pred.device), pred] = 1
         logit_map = lin_lens.linear_map(model, tokens, "logits", tgt, direction=onehot,
                                         source=s["source"], progress=False)
     ordinary = None

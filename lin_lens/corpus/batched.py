@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 import lin_lens
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import HookSet
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, LinLensError
@@ -190,6 +191,7 @@ def _rotary_only(model: Any) -> bool:
     return str(getattr(model.cfg, "positional_embedding_type", "")) in ("rotary", "alibi")
 
 
+@exact_matmul()
 def batched_contributions(
     model: Any,
     prompts: Sequence[Any],

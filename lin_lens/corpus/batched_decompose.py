@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._html import table
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import HookSet
 from lin_lens.analyses.decompose import (
     FINAL,
@@ -156,6 +157,7 @@ def _covector(model: Any, cache: Any, at: tuple, hook: str,
     return u / cache["ln_final.hook_scale"][at], extra
 
 
+@exact_matmul()
 def batched_decompose(
     model: Any,
     prompts: Sequence[Any],

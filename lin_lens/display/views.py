@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._numeric import to_numpy as _np
+from lin_lens._tl import model_device
 from lin_lens.decode import token_strings, vocab_scores
 
 _CALL = re.compile(r'<div id="(circuits-vis-[^"]+)"')
@@ -172,7 +173,7 @@ def attention_view(model: Any, tokens: Tensor, layers: Sequence[int] | None = No
     """The attention patterns that detached mode freezes, one panel per layer."""
     import circuitsvis as cv
 
-    toks = torch.as_tensor(tokens).reshape(1, -1)
+    toks = torch.as_tensor(tokens).reshape(1, -1).to(model_device(model))
     n_layers = model.cfg.n_layers
     layers = [n_layers - 1] if layers is None else [li % n_layers for li in layers]
     names = {f"blocks.{li}.attn.hook_pattern": li for li in layers}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, model_dtype, requires_grad
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens.errors import InvalidArgumentError, NotExactError
@@ -31,6 +32,7 @@ from lin_lens.progress import progress_bar
 DENSE_LIMIT = 20_000  # prune=False keeps an [N, N] adjacency: refuse beyond this many nodes
 
 
+@exact_matmul()
 def attribution_graph(
     model: Any,
     prompt: str | Sequence[int] | Tensor,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, HookSet, unique_hooks
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.graph._naming import is_gated
@@ -56,6 +57,7 @@ class Ablation:
                 + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr></table>")
 
 
+@exact_matmul()
 def ablate(model: Any, graph: Any, node: int | str, receiver: int | str | None = None
            ) -> Ablation:
     """Zero ``node``'s output (a bias: the parameter) and compare with the graph's prediction.

@@ -61,7 +61,8 @@ def find_threshold(scores: Tensor, threshold: float) -> float:
     if not bool(total > 0):
         return float("inf")
     cum = torch.cumsum(s, 0) / total
-    i = min(int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype))), len(s) - 1)
+    i = min(int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype,
+                                                         device=cum.device))), len(s) - 1)
     return float(s[i])
 
 

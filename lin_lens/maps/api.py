@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, canonical, model_dtype
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.maps import budget
@@ -29,6 +30,7 @@ from lin_lens.maps.result import LinearMap, default_tolerance
 from lin_lens.maps.reverse import reverse_map
 
 
+@exact_matmul()
 def linear_map(
     model: Any,
     inputs: str | Sequence[int] | Tensor,
@@ -92,6 +94,7 @@ def linear_map(
     return _checked(reverse_map(model, req), req)
 
 
+@exact_matmul()
 def operators_at_hooks(model: Any, tokens: Any, hooks: Sequence[str], pos: Any = -1, *,
                        source: str = "hook_embed", engine: str = "auto",
                        chunk_size: int | None = None, progress: bool | None = None,
@@ -141,6 +144,7 @@ def _operators(model: Any, req: MapRequest, hooks: list[str]) -> dict[str, Linea
     return out
 
 
+@exact_matmul()
 def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: int = 16, *,
                  source: str = "hook_embed", block: int | None = None, tol: float = 1e-4,
                  vec_tol: float | None = None, guard: int | None = None,

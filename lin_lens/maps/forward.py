@@ -130,14 +130,15 @@ def _columns(model: Any, req: MapRequest, hooks: list[str], replay: Any, x: Tens
     try:
         # Columns of source token s only reach positions ≥ s (causal), so each token's columns
         # are replayed on positions s: only — about half the work of full-length replays.
-        tgt_t = torch.tensor(tgt)
+        tgt_t = torch.tensor(tgt, device=x.device)
         for s in range(n_cols_src):
             rows_t = (tgt_t >= s).nonzero().flatten()  # target rows this token reaches
             for i0 in range(0, d_in, chunk):
                 i1 = min(d_in, i0 + chunk)
                 B = i1 - i0
                 V = torch.zeros(B, n - s, d_in, dtype=dtype, device=x.device)
-                V[torch.arange(B), 0, torch.arange(i0, i1)] = 1
+                cols = torch.arange(i0, i1, device=x.device)
+                V[cols - i0, 0, cols] = 1
                 try:
                     out = replay.run(V.view(B, n - s, *x.shape[2:]), start=s)
                 except ReplayUnsupported:  # a frozen value we cannot slice: full length

@@ -12,15 +12,18 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, HookSet, biases
+from lin_lens._precision import exact_matmul
+from lin_lens._tl import LOGITS, HookSet, biases, model_device
 from lin_lens.errors import InvalidArgumentError
 
 
+@exact_matmul()
 def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Sequence[int]
                             ) -> Tensor:
     """The ordinary Jacobian's reconstruction of the activation at ``hook`` (or ``"logits"``):
     ``[d_out]`` for an int ``pos``, ``[n_pos, d_out]`` for a list of positions."""
     out: dict[str, Tensor] = {}
+    tokens = torch.as_tensor(tokens).to(model_device(model))
 
     def dual(t: Tensor, hook: Any) -> Tensor:
         return fwAD.make_dual(t, t)

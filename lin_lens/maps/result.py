@@ -15,6 +15,7 @@ from lin_lens import decode as _decode
 from lin_lens import spectrum
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
+from lin_lens._precision import exact_matmul
 from lin_lens.errors import InvalidArgumentError
 
 FORMAT_VERSION = 1
@@ -85,16 +86,19 @@ class LinearMap:
     def constant_by_origin(self) -> dict[str, Tensor]:
         return {k: self._sq(v) for k, v in self.constants.items()}
 
+    @exact_matmul()
     def contributions(self) -> Float[Tensor, "... src d_out"]:
         """``J_i x_i`` per source token: ``[n_src, d_out]`` or ``[n_tgt, n_src, d_out]``."""
         return self._sq(torch.einsum("tsoi,si->tso", self.J4, self.x))
 
+    @exact_matmul()
     def reconstruct(self) -> Tensor:
         """``Σ_i J_i x_i + constant``, same shape as :attr:`act`."""
         linear = torch.einsum("tsoi,si->to", self.J4, self.x)
         return self._sq(linear) + self.constant
 
     @property
+    @exact_matmul()
     def relative_error(self) -> float:
         """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access.
 

@@ -103,7 +103,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
         # few logit rows: pull each back through the readout
         R = len(idx)
         sel = torch.zeros(R, d_space, dtype=value.dtype, device=value.device)  # [R, V]
-        sel[torch.arange(R), idx] = 1
+        sel[torch.arange(R, device=idx.device), idx] = 1
         cov = readout.pull_back(sel.expand(n_t, -1, -1).reshape(-1, d_space), repeat=R)
         J, consts = vjp_rows(model, req, fwd, act, cov.reshape(n_t, R, d_act))
         consts = _with_bias(consts, readout, sel.expand(n_t, -1, -1))
@@ -112,7 +112,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
         rows = idx if readout is None else None
         sel = torch.arange(d_act, device=act.device) if rows is None else rows
         eye = torch.zeros(len(sel), d_act, dtype=act.dtype, device=act.device)
-        eye[torch.arange(len(sel)), sel] = 1
+        eye[torch.arange(len(sel), device=act.device), sel] = 1
         J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1))
         if readout is not None:
             J, consts = readout.select(idx).apply(J, consts)
@@ -137,8 +137,8 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
     tgt = req.positions
     n_t, R, d_act = cov.shape
     total = n_t * R
-    rows_t = torch.arange(n_t).repeat_interleave(R)
-    rows_r = torch.arange(R).repeat(n_t)
+    rows_t = torch.arange(n_t, device=x.device).repeat_interleave(R)
+    rows_r = torch.arange(R, device=x.device).repeat(n_t)
     n_src, d_in = x.shape[1], x[0, 0].numel()
     j_bytes = n_t * n_src * R * d_in * x.element_size()
     budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory)
@@ -157,7 +157,7 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
             r_idx = rows_r[start:start + chunk]
             k = len(t_idx)
             go = torch.zeros(k, 1, act.shape[1], d_act, dtype=act.dtype, device=act.device)
-            go[torch.arange(k), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
+            go[torch.arange(k, device=act.device), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
             grads = batched_grad(flat_act, inputs, go, allow_unused=True)
             gx = grads[0]
             J[t_idx, :, r_idx] = 0 if gx is None else gx.reshape(k, n_src, -1)

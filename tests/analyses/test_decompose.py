@@ -11,9 +11,9 @@ import torch
 import lin_lens
 from lin_lens.analyses import decompose
 from lin_lens.testing import tiny_model
-from tests.conftest import requires_hooked, tiny
+from tests.conftest import DEVICE, requires_hooked, tiny
 
-TOKENS = torch.tensor([3, 17, 5, 41, 8])
+TOKENS = torch.tensor([3, 17, 5, 41, 8], device=DEVICE)
 ARCHS = ["gpt2", "pythia", "llama", "gemma"]  # biases / parallel blocks / GQA / post-norms+softcap
 HEAVY = ["gpt2", "gemma"]  # fewer families for the tests that compute maps
 # Detached vs plain forward on a Bridge (README, "TransformerBridge forward values"): HF's RMSNorm

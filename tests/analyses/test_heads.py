@@ -8,9 +8,9 @@ import torch
 
 import lin_lens
 from lin_lens.analyses import head_operators
-from tests.conftest import tiny
+from tests.conftest import DEVICE, tiny
 
-TOKENS = torch.tensor([3, 17, 5, 41, 8])
+TOKENS = torch.tensor([3, 17, 5, 41, 8], device=DEVICE)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma"])  # biases+positions; post-norms+softcap

@@ -14,11 +14,11 @@ from lin_lens.analyses.steering import (
     steering_hooks,
     steering_operator,
 )
-from tests.conftest import tiny
+from tests.conftest import DEVICE, tiny
 
 BOS = 49
-CONCEPT = torch.tensor([BOS, 5, 7, 9])
-PROMPT = torch.tensor([BOS, 3, 8, 7, 9, 11, 2])
+CONCEPT = torch.tensor([BOS, 5, 7, 9], device=DEVICE)
+PROMPT = torch.tensor([BOS, 3, 8, 7, 9, 11, 2], device=DEVICE)
 # How token i reads: a tiny HookedTransformer has no tokenizer ("#i"); a tiny Bridge has the
 # word-level one ("wi").
 TOKEN = {"hooked": "#{}", "bridge": "w{}"}

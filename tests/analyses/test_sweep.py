@@ -50,8 +50,9 @@ def test_numbers_match_the_maps(sweep):
             - J[("mlp_out", 1)]).abs().max() < 1e-10
     # the last layer projects onto itself as the identity; u-projections are |cosines|
     for kd in ("resid_post", "transform"):
-        assert torch.allclose(s.proj_u[kd][-1], torch.eye(2, dtype=torch.float64), atol=1e-10)
-        assert torch.allclose(s.proj_v[kd][-1], torch.eye(2, dtype=torch.float64), atol=1e-10)
+        eye = torch.eye(2, dtype=torch.float64, device=s.proj_u[kd].device)
+        assert torch.allclose(s.proj_u[kd][-1], eye, atol=1e-10)
+        assert torch.allclose(s.proj_v[kd][-1], eye, atol=1e-10)
     assert ((s.proj_u["attn_out"] >= 0) & (s.proj_u["attn_out"] <= 1 + 1e-12)).all()
 
 

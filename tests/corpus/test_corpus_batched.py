@@ -9,7 +9,7 @@ import torch
 import lin_lens
 from lin_lens.corpus import LoadSpec
 from lin_lens.corpus.batched import PaddingLeakError, batched_contributions, pad_batch
-from tests.conftest import BACKENDS, assert_same_state, state
+from tests.conftest import BACKENDS, assert_same_state, state, to_device
 from tests.corpus.conftest import PROMPTS
 
 # gpt2: biases and positional embeddings; llama: rotary, GQA; gemma: soft caps, sliding window
@@ -20,7 +20,7 @@ MODELS = [(f"tiny-{a}", b) for b in BACKENDS for a in ARCHS[b]]
 @pytest.fixture(scope="module", params=MODELS, ids=[f"{b}-{n[5:]}" for n, b in MODELS])
 def model(request):
     name, backend = request.param
-    return LoadSpec(name, "float64", backend).load()
+    return to_device(LoadSpec(name, "float64", backend).load())
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

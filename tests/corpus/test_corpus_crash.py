@@ -18,7 +18,10 @@ import pytest
 from lin_lens import corpus
 from lin_lens.corpus import LoadSpec
 from lin_lens.corpus.store import Store
+from tests.conftest import cpu_only
 from tests.corpus.conftest import DEFAULT_BACKEND, many_prompts
+
+pytestmark = cpu_only("crash and resume in subprocesses, on CPU models")
 
 N = 20
 ANALYSES = ["svd", "decode", "contributions"]

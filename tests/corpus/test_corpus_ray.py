@@ -12,7 +12,10 @@ from lin_lens import corpus
 from lin_lens.corpus import LoadSpec
 from lin_lens.corpus.ray_engine import FAULT_ENV
 from lin_lens.corpus.store import Store
+from tests.conftest import cpu_only
 from tests.corpus.conftest import DEFAULT_BACKEND, many_prompts
+
+pytestmark = cpu_only("Ray workers load their models on the CPU")
 
 ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'lin_lens[ray]')")
 

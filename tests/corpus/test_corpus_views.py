@@ -17,7 +17,10 @@ import pytest
 
 from lin_lens import corpus
 from lin_lens.corpus import LoadSpec, cli, views
+from tests.conftest import cpu_only
 from tests.corpus.conftest import DEFAULT_BACKEND, PROMPTS
+
+pytestmark = cpu_only("corpus runs of CPU LoadSpec models, the CLI, Chromium")
 
 BACKEND = DEFAULT_BACKEND
 

@@ -10,9 +10,17 @@ import torch
 import lin_lens
 from lin_lens._tl import TransformerBridge
 from lin_lens.testing import tiny_model, tiny_tokenizer
-from tests.conftest import ARCHS, BACKENDS, assert_same_state, requires_hooked, state, tiny
+from tests.conftest import (
+    ARCHS,
+    BACKENDS,
+    DEVICE,
+    assert_same_state,
+    requires_hooked,
+    state,
+    tiny,
+)
 
-TOKENS = torch.tensor([[3, 17, 42, 8, 8, 29, 11]])
+TOKENS = torch.tensor([[3, 17, 42, 8, 8, 29, 11]], device=DEVICE)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 
 # How far the detached forward may move from the plain one on the Bridge (relative to max |logit|).

@@ -13,6 +13,9 @@ import torch
 import lin_lens
 from lin_lens._tl import HAS_HOOKED, _ours
 from lin_lens.testing import tiny_bridge, tiny_model
+from tests.conftest import cpu_only
+
+pytestmark = cpu_only("interrupts traced at every line (minutes), on CPU models")
 
 TOKENS = torch.tensor([[3, 17, 42, 8, 29]])
 PKG = str(Path(lin_lens.__file__).parent)

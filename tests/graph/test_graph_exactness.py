@@ -8,7 +8,7 @@ import torch
 
 import lin_lens
 from lin_lens.graph import attribution_graph
-from tests.conftest import assert_same_state, state
+from tests.conftest import DEVICE, assert_same_state, state
 from tests.graph.graph_cases import CASES, PAIR, TOKENS, full_graph, model, of_kind
 
 BOUND = 1e-12
@@ -18,7 +18,7 @@ BOUND = 1e-12
 def test_every_value_is_the_sum_of_its_edges(backend, arch):
     g = full_graph(backend, arch)
     m = model(backend, arch)
-    logits = m(torch.tensor([TOKENS]), return_type="logits")[0, -1].detach()
+    logits = m(torch.tensor([TOKENS], device=DEVICE), return_type="logits")[0, -1].detach()
     t = g.targets[0]
     assert g.target["ids"] == [int(logits.argmax())]
     # the model's own logit (a Bridge's Hugging Face RMSNorm computes in float32 in an ordinary
@@ -67,7 +67,7 @@ def test_targets_lists_directions_and_hooks(backend, arch):
     u[3], u[7] = 1.0, -1.0  # a logit difference
     g = attribution_graph(m, TOKENS, target=u, prune=False)
     assert g.relative_error <= BOUND
-    logits = m(torch.tensor([TOKENS]), return_type="logits")[0, -1].detach()
+    logits = m(torch.tensor([TOKENS], device=DEVICE), return_type="logits")[0, -1].detach()
     assert float(g.value[g.targets[0]]) == pytest.approx(float(logits[3] - logits[7]), rel=1e-6)
     # a direction on a residual stream: nodes after it cannot reach it and are left out
     hook = "blocks.1.hook_resid_pre"

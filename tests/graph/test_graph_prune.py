@@ -69,8 +69,8 @@ def test_pruned_graph_is_a_subgraph_with_exact_edges(backend, arch):
 def test_influence_matches_the_complete_graph(backend, arch):
     full, g = full_graph(backend, arch), pruned_graph(backend, arch)
     w = torch.zeros(full.n_nodes, dtype=torch.float64)
-    w[full.targets] = full.target["weights"].double()
-    infl = P.influence_dense(P.normalize_abs(full.adjacency.double()), w)
+    w[full.targets] = full.target["weights"].double().cpu()
+    infl = P.influence_dense(P.normalize_abs(full.adjacency.double().cpu()), w)
     ids = full.node_ids.tolist()
     pos = [ids.index(i) for i in g.node_ids.tolist()]
     assert torch.allclose(g.influence.double(), infl[pos].float().double(), rtol=1e-5, atol=1e-7)

@@ -8,9 +8,9 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
 import lin_lens
-from tests.conftest import assert_same_state, state, tiny
+from tests.conftest import DEVICE, assert_same_state, state, tiny
 
-TOKENS = torch.tensor([[3, 17, 42, 8, 8, 29, 11]])
+TOKENS = torch.tensor([[3, 17, 42, 8, 8, 29, 11]], device=DEVICE)
 
 # The gpt2 family's parameters as each backend names them (constant origins are parameter
 # names; a Bridge keeps Hugging Face's). GPT-2's lm_head has no bias: the Bridge has no b_U.
@@ -93,7 +93,7 @@ def test_source_that_does_not_cut_the_graph_reports_the_bypass(backend):
 
 def test_direction_is_one_row_of_the_full_map(backend):
     m = tiny("gpt2", backend)
-    u = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     full = lin_lens.linear_map(m, TOKENS, "logits", pos=-1)
     one = lin_lens.linear_map(m, TOKENS, "logits", pos=-1, direction=u)
     assert one.J.shape == (7, 1, 16)

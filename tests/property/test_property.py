@@ -35,6 +35,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lin_lens  # noqa: E402
 from lin_lens.testing import BRIDGE_ARCHS, tiny_bridge, tiny_model  # noqa: E402
+from tests.conftest import cpu_only  # noqa: E402
 from tests.property._support import (  # noqa: E402
     HAS_HOOKED,
     err,
@@ -43,6 +44,8 @@ from tests.property._support import (  # noqa: E402
     reference_jacobian,
     state_diff,
 )
+
+pytestmark = cpu_only("random configurations built on the CPU")
 
 LONG = os.environ.get("LIN_LENS_FUZZ") == "long"
 EXAMPLES = int(os.environ.get("LIN_LENS_FUZZ_EXAMPLES", 500 if LONG else 15))
