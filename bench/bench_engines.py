@@ -2,10 +2,14 @@
 
 Engines (each measured in its own subprocess, so each gets its own peak RSS):
 
-  hf_jacobian  reference baseline: torch.autograd.functional.jacobian on the raw Hugging Face
-               LlamaForCausalLM (eager attention) with RMSNorm's rsqrt factor, act(gate) and the
-               softmax weights detached by patching the HF forwards *in this script only*;
-               input embeddings [n, d] → final normalised hidden state at the last position.
+  hf_vec       THE BASELINE, the reference as it really runs (its src/JacobianAnalyzer.py):
+               torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="reverse-mode")
+               on the raw Hugging Face LlamaForCausalLM (eager attention) with RMSNorm's rsqrt
+               factor, act(gate) and the softmax weights detached by patching the HF forwards
+               *in this script only*; input embeddings [n, d] → final normalised hidden state at
+               the last position.
+  hf_jacobian  extra row, labelled: the same with jacobian's default vectorize=False (one
+               backward pass per output row; several times slower than hf_vec).
   hf_rows      the same function, R single-row VJPs timed (what jacobian(vectorize=False) does
                per row) → extrapolated full time where the full baseline would exceed the budget.
   jacrev       torch.func.jacrev (chunk_size=64) on the TL HookedTransformer with lin_lens's
@@ -136,7 +140,7 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
     if engine == "gemm":
         return gemm_rate(n, dtype, out)
     toks = tokens(n)
-    if engine in ("hf_jacobian", "hf_rows"):
+    if engine in ("hf_jacobian", "hf_vec", "hf_rows"):
         hf, _ = hf_model(dtype)
         hf.eval()
         for p in hf.parameters():
@@ -148,11 +152,12 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
             return hf.model(inputs_embeds=e[None]).last_hidden_state[0, -1]
 
         out["rss_after_load"] = C.peak_rss_bytes()
-        torch.autograd.functional.jacobian(f, emb[:3])  # warm-up (library init, allocator)
-        if engine == "hf_jacobian":
+        vec = ({"vectorize": True, "strategy": "reverse-mode"} if engine == "hf_vec" else {})
+        torch.autograd.functional.jacobian(f, emb[:3], **vec)  # warm-up (library init, allocator)
+        if engine in ("hf_jacobian", "hf_vec"):
             t0 = time.perf_counter()
             c0 = cpu()
-            J = torch.autograd.functional.jacobian(f, emb)  # [d_out, n, d_in]
+            J = torch.autograd.functional.jacobian(f, emb, **vec)  # [d_out, n, d_in]
             out["seconds"] = time.perf_counter() - t0
             out["cpu_seconds"] = cpu() - c0
             J = J.permute(1, 0, 2)  # [n, d_out, d_in]
