@@ -53,6 +53,22 @@ def reference_target(hf, emb: torch.Tensor, layer: int, kind: str) -> float:
             return args, {**kwargs, "hidden_states": got["x"]}
         return (got["x"], *args[1:]), kwargs
 
+    at = emb
+    t_at = time.perf_counter()
+    if kind == "transform":  # at the layer's actual input (timed with the target)
+        seen: dict = {}
+
+        def grab(mod, args, kwargs):
+            seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        h = block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                hf.model(inputs_embeds=emb[None])
+        finally:
+            h.remove()
+        at = seen["x"][0]
+    t_at = time.perf_counter() - t_at
     handles = [module.register_forward_hook(keep)]
     if kind == "transform":
         handles.append(block.register_forward_pre_hook(feed, with_kwargs=True))
@@ -63,14 +79,9 @@ def reference_target(hf, emb: torch.Tensor, layer: int, kind: str) -> float:
             return got["y"][0, -1]
 
         t0 = time.perf_counter()
-        at = emb
-        if kind == "transform":  # at the layer's actual input
-            with torch.no_grad():
-                at = hf.model(inputs_embeds=emb[None],
-                              output_hidden_states=True).hidden_states[layer][0]
         J = torch.autograd.functional.jacobian(f, at, vectorize=True, strategy="reverse-mode")
         torch.linalg.svd(J.reshape(J.shape[0], -1), full_matrices=False)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0 + t_at
     finally:
         for h in handles:
             h.remove()

@@ -14,10 +14,11 @@ Functions accept a :class:`lin_lens.LinearMap` (anything with ``J`` and ``x``) o
 
 **Cost.** Analyses must cost little next to the maps. The stable rank needs only ``‖J‖_F²`` and
 ``s_max``, and a top-k SVD only k eigenpairs of the smaller Gram matrix (``J Jᵀ`` or ``Jᵀ J``,
-formed in float64): both come from a few block subspace iterations with Rayleigh–Ritz on that
-Gram matrix, each Ritz pair checked by its residual (``‖G v − λ v‖ ≤ 1e-10 λ_max``, so every
-kept ``s²`` is within 1e-10·s_max² of a true one), with an exact ``eigh`` as the fallback. Full
-spectra (``k=None``) still go through LAPACK.
+in float64 for float64 maps, float32 for the others): both come from a few block subspace
+iterations with Rayleigh–Ritz on that Gram matrix, each Ritz pair checked by its residual
+(``‖G v − λ v‖ ≤ tol·λ_max``, tol 1e-10 in float64 and 1e-5 in float32, so every kept ``s²`` is
+within tol·s_max² of a true one), with an exact ``eigh`` as the fallback. Full spectra
+(``k=None``) still go through LAPACK.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
 GRAM_RATIO, GRAM_MIN_NUMEL = 4, 20_000_000
 # top-k by subspace iteration when k ≤ min(m, n) / TOPK_FRACTION (else the full eigh is as cheap)
 TOPK_FRACTION = 8
-TOPK_TOL, TOPK_MAX_ITER = 1e-10, 200
+# residual tolerance of the kept Ritz pairs, relative to λ_max, per working precision
+TOPK_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+TOPK_MAX_ITER = 200
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -127,26 +130,36 @@ def _sum_sq(J: Tensor) -> Tensor:
     return torch.linalg.vector_norm(J, dim=(-2, -1), dtype=torch.float64).pow(2)
 
 
+def _work(J: Tensor) -> Tensor:
+    """J in the precision the cheap spectra work in: float64 maps in float64, others in float32
+    (a float32 map is exact to ~1e-6; its Gram matrix in float32 moves s² by ~1e-7·s_max²)."""
+    return J.double() if J.dtype == torch.float64 else J.float()
+
+
 def _gram(J: Tensor) -> tuple[Tensor, bool]:
-    """The float64 Gram matrix of J's smaller side, and whether it is ``J Jᵀ`` (wide J)."""
-    A = J.double()
+    """The Gram matrix of J's smaller side (in :func:`_work` precision), and whether it is
+    ``J Jᵀ`` (wide J)."""
+    A = _work(J)
     wide = J.shape[-2] <= J.shape[-1]
     return (A @ A.mT if wide else A.mT @ A), wide
 
 
-def top_eigh(G: Float[Tensor, "... r r"], k: int, *, tol: float = TOPK_TOL,
+def top_eigh(G: Float[Tensor, "... r r"], k: int, *, tol: float | None = None,
              max_iter: int = TOPK_MAX_ITER) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs ``(λ [..., k] descending, V [..., r, k])`` of symmetric PSD matrices.
 
     Block subspace iteration (block k + 8), four products with G per orthonormalisation (each
     step gains four powers of the eigenvalue ratio), Rayleigh–Ritz on ``G`` itself, stopped
-    when every kept pair's residual ``‖G v − λ v‖ ≤ tol · λ_max``; matrices not converged
-    after ``max_iter`` steps (flat spectra) get an exact ``eigh``."""
+    when every kept pair's residual ``‖G v − λ v‖ ≤ tol · λ_max`` (default 1e-10 in float64,
+    1e-5 in float32); matrices not converged after ``max_iter`` steps (flat spectra) get an
+    exact ``eigh``."""
+    tol = TOPK_TOL.get(G.dtype, 1e-5) if tol is None else tol
+    tiny = torch.finfo(G.dtype).tiny
     r = G.shape[-1]
     b = min(r, k + 8)
     if 2 * b >= r:
         return _eigh_top(G, k)
-    H = G / G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
+    H = G / G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
     gen = torch.Generator(device=G.device).manual_seed(0)
     X = torch.randn(*G.shape[:-1], b, generator=gen, dtype=G.dtype, device=G.device)
     X = torch.linalg.qr(X).Q
@@ -157,7 +170,7 @@ def top_eigh(G: Float[Tensor, "... r r"], k: int, *, tol: float = TOPK_TOL,
         ev, W = ev.flip(-1), W.flip(-1)
         X, GX = X @ W, GX @ W
         res = (GX[..., :k] - X[..., :k] * ev[..., None, :k]).norm(dim=-2)
-        if bool((res <= tol * ev[..., :1].abs().clamp_min(1e-300)).all()):
+        if bool((res <= tol * ev[..., :1].abs().clamp_min(tiny)).all()):
             return ev[..., :k].clamp_min(0), X[..., :k]
     return _eigh_top(G, k)
 
@@ -172,8 +185,8 @@ def _topk_svd(J: Tensor, k: int, gram: tuple[Tensor, bool] | None = None
     G, wide = _gram(J) if gram is None else gram
     ev, W = top_eigh(G, k)
     S = ev.sqrt()
-    inv = torch.where(S > 0, 1 / S.clamp_min(1e-300), 0.0)[..., None, :]
-    A = J.double()
+    inv = torch.where(S > 0, 1 / S.clamp_min(torch.finfo(S.dtype).tiny), 0.0)[..., None, :]
+    A = _work(J)
     if wide:  # W holds left singular vectors; v = Jᵀ u / s
         U, V = W, (A.mT @ W) * inv
     else:
@@ -182,7 +195,7 @@ def _topk_svd(J: Tensor, k: int, gram: tuple[Tensor, bool] | None = None
 
 
 def s_max(J: Float[Tensor, "... m n"]) -> Tensor:
-    """The largest singular value of each matrix (float64), from its Gram matrix."""
+    """The largest singular value of each matrix, from its Gram matrix."""
     return top_eigh(_gram(J)[0], 1)[0][..., 0].sqrt()
 
 

@@ -114,3 +114,15 @@ def test_top_eigh_falls_back_to_eigh_when_not_converged():
     G = (Q * ev) @ Q.T
     lam, V = A.top_eigh(G, 2, max_iter=2)
     assert torch.allclose(lam, ev[:2], rtol=1e-12, atol=0)
+
+
+def test_top_k_of_a_float32_map_works_in_float32_to_its_precision():
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(4, 96, 96, generator=g, dtype=torch.float64)
+    J = J * (0.9 ** torch.arange(96, dtype=torch.float64))
+    S = torch.linalg.svdvals(J)
+    top = svd(J.float(), k=3)
+    assert top.S.dtype == torch.float32
+    assert torch.allclose(top.S.double(), S[..., :3], rtol=1e-5, atol=0)
+    exact = S.pow(2).sum(-1) / S[..., 0].pow(2)
+    assert torch.allclose(stable_rank(J.float()).double(), exact, rtol=1e-5, atol=0)

@@ -70,23 +70,24 @@ class TopSingular:
 class _Columns:
     """A growing block of columns in one preallocated buffer: appending copies only the new
     columns, and ``.mat`` is a view (no ``torch.cat`` of the whole Krylov basis per step, which
-    costs O(N·m) memory traffic each time at N = n·d_in)."""
+    costs O(N·m) memory traffic each time at N = n·d_in). Stored one column per buffer row, so
+    the capacity not yet used is never touched (never resident)."""
 
     def __init__(self, rows: int, cap: int, like: Tensor):
-        self.buf = like.new_empty(rows, cap)
+        self.buf = like.new_empty(cap, rows)
         self.width = 0
 
     def add(self, Q: Tensor) -> None:
-        if self.width + Q.shape[1] > self.buf.shape[1]:  # rare: grow geometrically
-            new = self.buf.new_empty(self.buf.shape[0], 2 * self.buf.shape[1] + Q.shape[1])
-            new[:, :self.width] = self.buf[:, :self.width]
+        if self.width + Q.shape[1] > self.buf.shape[0]:  # rare: grow geometrically
+            new = self.buf.new_empty(2 * self.buf.shape[0] + Q.shape[1], self.buf.shape[1])
+            new[:self.width] = self.buf[:self.width]
             self.buf = new
-        self.buf[:, self.width:self.width + Q.shape[1]] = Q
+        self.buf[self.width:self.width + Q.shape[1]] = Q.T
         self.width += Q.shape[1]
 
     @property
     def mat(self) -> Tensor:
-        return self.buf[:, :self.width]
+        return self.buf[:self.width].T
 
 
 def _orth(W: Tensor, basis: Tensor | None) -> Tensor:
