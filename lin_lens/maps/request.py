@@ -189,6 +189,7 @@ class MapRequest:
                 raise ArgumentTypeError(f"direction must be a float vector, got {direction.dtype}")
             if not bool(torch.isfinite(direction).all()):
                 raise InvalidArgumentError("direction contains NaN or inf")
+            direction = direction.to(model_device(model))  # a CPU vector for a CUDA model
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, numbers.Integral)
                                        or chunk_size < 1):
