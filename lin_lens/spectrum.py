@@ -235,20 +235,30 @@ def stable_rank(obj: Any, *, stacked: bool = False,
     return torch.where(top > 0, s2.sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
 
 
+def _shares_gram(J: Tensor, k: int) -> bool:
+    """Whether the stacked ``J Jᵀ`` is the sum of the per-token ones (``d_out ≤ d_in``) and k is
+    small enough for the top-k path."""
+    return J.shape[-2] <= J.shape[-1] and k * TOPK_FRACTION <= J.shape[-2]
+
+
+def _stacked_topk(lm: Any, G: Tensor, k: int) -> SVD:
+    """The stacked operator's top-k :class:`SVD` from the per-token Gram matrices ``G``."""
+    Js = stacked_operator(lm.J)
+    U, S, Vh = _topk_svd(Js, k, gram=(G.sum(0), True))
+    U, Vh = _orient(U, Vh, lm.x.reshape(-1))
+    return SVD(U, S, Vh, None, True, sum_sq=_sum_sq(Js))
+
+
 def map_svds(lm: Any, k: int) -> tuple[SVD, SVD]:
     """Per-token and stacked top-k :class:`SVD` s of a single-target map from one set of Gram
     matrices (when ``d_out ≤ d_in``, the stacked ``J Jᵀ`` is the sum of the per-token ones)."""
     J = lm.J
-    if J.shape[-2] > J.shape[-1] or k * TOPK_FRACTION > J.shape[-2]:
+    if not _shares_gram(J, k):
         return svd(lm, k), svd(lm, k, stacked=True)
     G, _ = _gram(J)  # [n_src, d_out, d_out]
     U, S, Vh = _topk_svd(J, k, gram=(G, True))
     U, Vh = _orient(U, Vh, lm.x)
-    per = SVD(U, S, Vh, None, False, sum_sq=_sum_sq(J))
-    Js = stacked_operator(J)
-    U, S, Vh = _topk_svd(Js, k, gram=(G.sum(0), True))
-    U, Vh = _orient(U, Vh, lm.x.reshape(-1))
-    return per, SVD(U, S, Vh, None, True, sum_sq=_sum_sq(Js))
+    return SVD(U, S, Vh, None, False, sum_sq=_sum_sq(J)), _stacked_topk(lm, G, k)
 
 
 def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
@@ -256,11 +266,8 @@ def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
     single-target map, sharing one set of Gram matrices: the cheap summary sweeps take for
     every map."""
     J = lm.J
-    if J.shape[-2] > J.shape[-1] or k * TOPK_FRACTION > J.shape[-2]:
+    if not _shares_gram(J, k):
         return stable_rank(lm), svd(lm, k, stacked=True)
     G, _ = _gram(J)  # [n_src, d_out, d_out]
     sr = _ratio(_sum_sq(J), top_eigh(G, 1)[0][..., 0]).to(J.dtype)
-    Js = stacked_operator(J)
-    U, S, Vh = _topk_svd(Js, k, gram=(G.sum(0), True))
-    U, Vh = _orient(U, Vh, lm.x.reshape(-1))
-    return sr, SVD(U, S, Vh, None, True, sum_sq=_sum_sq(Js))
+    return sr, _stacked_topk(lm, G, k)
