@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 # Distributions lin_lens + its tests import that the nvidia-h200 image lacks (pure Python except
 # multiprocess's py312 build); versions are taken from .venv/main, where the CPU suite runs.
 WHEELS="transformer_lens better-abc datasets dill multiprocess circuitsvis importlib-metadata
-beartype typeguard fancy-einsum"
+beartype typeguard fancy-einsum lazy-importer"
 
 if [ "${1:-}" = "wheels" ]; then
     PIP="${PIP:-.venv/main/bin/python -m pip}"

@@ -202,7 +202,12 @@ def measure(name: str, layers: int, what: str, device: str, dtype_s: str, repeat
         if k is not None:
             return lin_lens.top_singular(model, toks, HOOK, -1, k=k, progress=False,
                                          max_memory=budget)
+        t = time.perf_counter()
         lm = lin_lens.linear_map(model, toks, HOOK, -1, progress=False, max_memory=budget)
+        if cuda:
+            torch.cuda.synchronize()
+        out["map_seconds"] = time.perf_counter() - t
+        print(f"linear_map: {out['map_seconds']:.2f} s", file=sys.stderr, flush=True)
         return (lm, lin_lens.svd(lm, k=1)) if what == "top1tok_400" else (lm, None)
 
     secs = []
@@ -249,7 +254,12 @@ def child(args, name: str, layers: int, what: str) -> dict:
     if args.tokens:
         cmd += ["--tokens", str(args.tokens)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:  # a row saying so, and the child's last words
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return dict(model=name, layers=layers, what=what,
+                    error_text=f"{err[-2000:]}\ntimed out after {args.timeout:.0f} s")
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode or not lines:
         return dict(model=name, layers=layers, what=what, error_text=p.stderr[-3000:])
