@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import importlib.util
+import inspect
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -298,7 +300,31 @@ def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
             fold_value_biases=fold_ln,
         )
         _exact_rotary_tables(model)
-    return model.to(device)
+    model = model.to(device)
+    _transposed_layout(model)
+    return model
+
+
+def _transposed_layout(model: Any) -> None:
+    """Store the weights that TransformerLens's forward reads as ``F.linear(x, W.T.contiguous())``
+    (gated MLPs, the unembedding) column-major, so that ``W.T`` is already contiguous and the
+    forward stops copying them on every call. Same shapes and values; for SmolLM2-135M it takes
+    ~430 MB of copies (0.2 s of a 0.34 s 3-token forward on 2 cores) out of every forward."""
+    mods = [model.unembed] + [getattr(b, "mlp", None) for b in getattr(model, "blocks", [])]
+    for mod in mods:
+        if mod is None or not _copies_transposed(type(mod)):
+            continue
+        for name, p in mod.named_parameters(recurse=False):
+            if name.startswith("W_") and p.dim() == 2 and p.is_contiguous():
+                p.data = p.data.mT.contiguous().mT
+
+
+@functools.cache
+def _copies_transposed(cls: type) -> bool:
+    try:
+        return ".T.contiguous()" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def _exact_rotary_tables(model: Any) -> None:

@@ -109,6 +109,33 @@ def test_hf_model_and_tokenizer_go_together():
         models.load_model(SMOLLM2, backend="bridge", hf_model=object())
 
 
+@pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer (TL ≤ 3.x)")
+def test_transposed_layout_keeps_values_and_removes_weight_copies():
+    """load_model stores the weights TransformerLens reads as ``W.T.contiguous()`` column-major:
+    the same values, a bit-identical forward, and no copy of them per forward."""
+    from tests.conftest import tiny
+
+    m = tiny("llama", "hooked", fresh=True)
+    toks = torch.randint(0, m.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        ref = m(toks)
+    models._transposed_layout(m)
+    moved = [n for n, p in m.named_parameters() if not p.is_contiguous()]
+    assert "unembed.W_U" in moved and "blocks.0.mlp.W_gate" in moved, moved
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    for n in moved:
+        assert m.get_parameter(n).mT.is_contiguous(), n
+    with torch.no_grad():
+        assert torch.equal(m(toks), ref)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        with torch.no_grad():
+            m(toks)
+    copies = [e for e in prof.events() if e.name == "aten::clone"
+              and e.input_shapes and e.input_shapes[0] == list(m.W_U.T.shape)]
+    assert not copies  # the unembedding is no longer copied per forward
+
+
 # -- SmolLM2 -----------------------------------------------------------------------------------
 
 def _agreement(name, backend, fold_ln):
