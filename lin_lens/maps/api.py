@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, canonical, model_dtype
+from lin_lens._tl import LOGITS, canonical, model_device, model_dtype
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.maps import budget
 from lin_lens.maps.forward import choose_engine, forward_maps
@@ -71,7 +71,8 @@ def linear_map(
         prepend_bos: passed to ``model.to_tokens`` for text input.
         engine: ``"auto"`` (default), ``"reverse"`` (batched VJP rows) or ``"forward"`` (columns
             for many hooks at once); ``"matrix_free"`` is :func:`top_singular`.
-        max_memory: byte budget (int or e.g. ``"4GB"``; default min(available RAM / 2, 8 GB)).
+        max_memory: byte budget (int or e.g. ``"4GB"``; default min(available RAM / 2, 8 GB),
+            or 80 % of the GPU's available memory for a model on CUDA).
             The call is refused with :class:`~lin_lens.errors.MemoryBudgetError` before any
             allocation when the operator cannot fit.
 
@@ -202,4 +203,5 @@ def _preflight_reverse(model: Any, req: MapRequest) -> None:
     est = budget.estimate_linear_map(model, req.n, n_t, d_act, d_out, d_in, model_dtype(model),
                                      16)
     budget.check(est["total"], f"linear_map at {req.hook!r} ({n_t} position(s) × {req.n} "
-                 f"tokens, J {n_t}×{req.n}×{d_out}×{d_in})", req.max_memory)
+                 f"tokens, J {n_t}×{req.n}×{d_out}×{d_in})", req.max_memory,
+                 device=model_device(model))

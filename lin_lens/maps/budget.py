@@ -2,8 +2,9 @@
 refuse (pointing to the matrix-free path) when the full operator cannot fit.
 
 The budget is ``max_memory`` bytes when given (an int, or a string such as ``"4GB"``), otherwise
-``min(available RAM / 2, 8 GB)``. Available RAM is read from ``/proc/meminfo`` (Linux) or
-``os.sysconf``; no extra dependency.
+``min(available RAM / 2, 8 GB)`` for a model on the CPU and 80 % of the free memory of the GPU for a
+model on CUDA (free to the driver plus what torch's allocator holds unused). Available RAM is read
+from ``/proc/meminfo`` (Linux) or ``os.sysconf``; no extra dependency.
 
 The estimates are deliberately simple and on the safe side (checked against measured peak RSS in
 ``bench/``; the comparison is in BENCHMARKS.md):
@@ -42,8 +43,22 @@ _BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("lin_lens_b
                                                                      default=None)
 
 
-def available_bytes() -> int:
-    """RAM the OS can give us now (MemAvailable), or total RAM if that is unknown."""
+GPU_SHARE = 0.8  # of a CUDA device's free memory: the default budget there
+
+
+def _cuda(device: torch.device | str | None) -> torch.device | None:
+    d = torch.device(device) if device is not None else None
+    return d if d is not None and d.type == "cuda" else None
+
+
+def available_bytes(device: torch.device | str | None = None) -> int:
+    """Memory that computations on ``device`` can get now: for a CUDA device its free memory
+    plus what torch's caching allocator holds unused; otherwise the RAM the OS can give us
+    (MemAvailable), or total RAM if that is unknown."""
+    cuda = _cuda(device)
+    if cuda is not None:
+        free, _ = torch.cuda.mem_get_info(cuda)
+        return int(free + torch.cuda.memory_reserved(cuda) - torch.cuda.memory_allocated(cuda))
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -74,18 +89,29 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     return int(float(m.group(1)) * mult)
 
 
-def default_budget() -> int:
+def default_budget(device: torch.device | str | None = None) -> int:
+    """``min(available RAM / 2, 8 GB)``; on a CUDA device 80 % of its available memory (a GPU's
+    memory is there for the computation; a laptop's RAM is shared with everything else)."""
+    if _cuda(device) is not None:
+        return int(available_bytes(device) * GPU_SHARE)
     return min(available_bytes() // 2, DEFAULT_CAP)
 
 
-def budget(max_memory: int | float | str | None = None) -> int:
+def default_rule(device: torch.device | str | None = None) -> str:
+    if _cuda(device) is not None:
+        return f"default {GPU_SHARE:.0%} of {device}'s available memory"
+    return "default min(available RAM / 2, 8 GB)"
+
+
+def budget(max_memory: int | float | str | None = None,
+           device: torch.device | str | None = None) -> int:
     """The byte budget in force: the argument, else an enclosing :func:`memory_budget`, else the
-    default ``min(available / 2, 8 GB)``."""
+    default for ``device`` (:func:`default_budget`)."""
     b = parse_bytes(max_memory)
     if b is not None:
         return b
     ctx = _BUDGET.get()
-    return ctx if ctx is not None else default_budget()
+    return ctx if ctx is not None else default_budget(device)
 
 
 @contextlib.contextmanager
@@ -163,13 +189,15 @@ def choose_chunk(model: Any, n_tokens: int, dtype: torch.dtype, free_bytes: int,
 
 
 def check(need: int, what: str, max_memory: int | float | str | None = None,
-          hint: str | None = None) -> int:
-    """Raise :class:`MemoryBudgetError` if ``need`` bytes exceed the budget; return the budget."""
-    b = budget(max_memory)
+          hint: str | None = None, device: torch.device | str | None = None) -> int:
+    """Raise :class:`MemoryBudgetError` if ``need`` bytes exceed the budget for a computation on
+    ``device`` (default: the CPU); return the budget."""
+    b = budget(max_memory, device)
     if need > b:
+        where = "RAM" if _cuda(device) is None else f"on {device}"
         msg = (f"{what} needs about {fmt(need)}, more than the memory budget of {fmt(b)} "
-               f"(max_memory=; default min(available RAM / 2, 8 GB), {fmt(available_bytes())} "
-               "available now).")
+               f"(max_memory=; {default_rule(device)}, {fmt(available_bytes(device))} "
+               f"available {where} now).")
         msg += " " + (hint or (
             "Ask for less (one position, out_index=, direction=), raise max_memory, or use the "
             "matrix-free path: lin_lens.top_singular(model, tokens, hook, k=16) gives "

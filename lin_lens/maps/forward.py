@@ -118,7 +118,7 @@ def _columns(model: Any, req: MapRequest, hooks: list[str], replay: Any, x: Tens
     need_J = sum(len(tgt) * n * d_out[h] * d_in * isz for h in hooks)
     need = need_J + budget.graph_bytes(model, n, dtype)
     b = budget.check(need, f"the operators at {len(hooks)} hooks ({len(tgt)} position(s), "
-                     f"{n} source tokens)", req.max_memory)
+                     f"{n} source tokens)", req.max_memory, device=x.device)
     chunk = req.chunk_size or budget.choose_chunk(model, n, dtype, b - need, DEFAULT_FWD_CHUNK,
                                               n_cols_src * d_in)
     Js = {h: torch.zeros(len(tgt), n, d_out[h], d_in, dtype=dtype, device=x.device)

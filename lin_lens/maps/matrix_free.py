@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._html import table
-from lin_lens._tl import LOGITS, model_dtype
+from lin_lens._tl import LOGITS, model_device, model_dtype
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.maps import budget
 from lin_lens.maps.graph import batched_grad, detached_forward
@@ -155,7 +155,8 @@ def top_singular(model: Any, req: MapRequest, k: int = 16, *, block: int | None 
     vec_bytes = (p + 1) * d_model * budget.itemsize(dtype)  # one vector in the source space
     need = budget.graph_bytes(model, n, dtype) + vec_bytes * block * (4 + 2 * m_max)
     budget.check(need, f"matrix-free SVD at {n} tokens", req.max_memory,
-                 hint="Use fewer tokens, a smaller k/max_iter, or raise max_memory.")
+                 hint="Use fewer tokens, a smaller k/max_iter, or raise max_memory.",
+                 device=model_device(model))
     hk = req.canonical_hook(model)
     with contextlib.ExitStack() as stack:
         fwd = detached_forward(stack, model, tokens, req.source, [req.hook])

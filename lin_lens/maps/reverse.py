@@ -141,7 +141,8 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
     rows_r = torch.arange(R, device=x.device).repeat(n_t)
     n_src, d_in = x.shape[1], x[0, 0].numel()
     j_bytes = n_t * n_src * R * d_in * x.element_size()
-    budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory)
+    budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory,
+                 device=x.device)
     chunk = req.chunk_size or _default_chunk(model, act, x, total, j_bytes, req.max_memory)
     leaves = fwd.constant_leaves()
     inputs = [x, *leaves.values()]
@@ -174,6 +175,7 @@ def _default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int
                    max_memory: int | None) -> int:
     """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
     n = act.shape[1]
-    free = budget.budget(max_memory) - reserved - budget.graph_bytes(model, n, x.dtype)
+    free = (budget.budget(max_memory, x.device) - reserved
+            - budget.graph_bytes(model, n, x.dtype))
     pref = budget.preferred_chunk(n)
     return budget.choose_chunk(model, n, x.dtype, max(free, 0), pref, total or pref)

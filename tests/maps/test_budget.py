@@ -37,6 +37,29 @@ def test_parse_bytes():
         parse_bytes("lots")
 
 
+def test_budget_of_a_cuda_model_is_the_gpus_memory(monkeypatch):
+    """On CUDA the default budget is 80 % of the GPU's available memory (free to the driver plus
+    torch's unused cache), not the host's RAM, and a refusal names the GPU (CUDA faked: the
+    numbers are the point, not the device)."""
+    from lin_lens.maps import budget
+
+    GB = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (100 * GB, 140 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 12 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 10 * GB)
+    monkeypatch.setattr(budget, "DEFAULT_CAP", 8 * GB)
+    assert budget.available_bytes("cuda:0") == 102 * GB
+    assert budget.default_budget(torch.device("cuda", 0)) == int(0.8 * 102 * GB)
+    assert budget.budget(None, "cuda") == int(0.8 * 102 * GB) > 8 * GB  # no laptop cap
+    assert budget.budget("1GB", "cuda") == GB  # max_memory still wins
+    assert budget.default_budget("cpu") <= 8 * GB and budget.default_budget() <= 8 * GB
+    with pytest.raises(MemoryBudgetError, match=r"80% of cuda:0's available memory.*on cuda:0"):
+        budget.check(90 * GB, "J", device=torch.device("cuda:0"))
+    budget.check(80 * GB, "J", device="cuda:0")  # fits the GPU, though not the 8 GB CPU default
+    with pytest.raises(MemoryBudgetError, match="RAM"):
+        budget.check(80 * GB, "J")
+
+
 def test_chunk_shrinks_to_budget_and_results_unchanged(backend):
     model = tiny("gpt2", backend)
     big = choose_chunk(model, 6, torch.float64, 10**12, 64, 10**6)
