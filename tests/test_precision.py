@@ -4,8 +4,6 @@ flags do nothing, so the tests set them and read them back)."""
 
 from __future__ import annotations
 
-import linecache
-import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from lin_lens._precision import exact_matmul
 from lin_lens.corpus import batched_decompose
 from lin_lens.graph import attribution_graph
 from lin_lens.maps import ordinary_reconstruction
+from tests._interrupts import interrupt_at
 from tests.conftest import BACKENDS, tiny
 
 TOKENS = [3, 17, 42, 8, 29]
@@ -128,6 +127,11 @@ def test_reset_restores_after_an_abandoned_call(tf32_on):
     del ctx
 
 
+def _enter_and_leave():
+    with exact_matmul():
+        pass
+
+
 def test_interrupt_at_every_line(tf32_on):
     """A Ctrl-C on any line of the context manager leaves the user's settings as they were
     (except on the statement that starts the clean-up, the one window Python cannot close; see
@@ -135,26 +139,7 @@ def test_interrupt_at_every_line(tf32_on):
     src = str(Path(_precision.__file__))
     n, done = 1, False
     while not done:
-        count = [0]
-
-        def trace(frame, event, arg, count=count, n=n):
-            if frame.f_code.co_filename != src or frame.f_code.co_name == "finish":
-                return None
-            if event == "line" and "finish(" not in linecache.getline(src, frame.f_lineno):
-                count[0] += 1
-                if count[0] == n:
-                    raise KeyboardInterrupt
-            return trace
-
-        sys.settrace(trace)
-        try:
-            with exact_matmul():
-                pass
-            done = True
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        done = interrupt_at(n, _enter_and_leave, under=src)
         assert _precision.settings() == tf32_on, f"settings changed by an interrupt at line {n}"
         assert not _precision._HOLDERS and not _precision._SAVED
         n += 1

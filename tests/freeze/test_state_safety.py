@@ -3,8 +3,6 @@ exactly as it was, and lin_lens.reset restores one by hand."""
 
 from __future__ import annotations
 
-import linecache
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import lin_lens
 from lin_lens._tl import HAS_HOOKED, _ours
 from lin_lens.testing import tiny_bridge, tiny_model
+from tests._interrupts import interrupt_at
 from tests.conftest import cpu_only
 
 pytestmark = cpu_only("interrupts traced at every line (minutes), on CPU models")
@@ -41,31 +40,7 @@ def _state(m):
 
 
 def _interrupt_at(n: int, fn) -> bool:
-    """Run ``fn`` raising KeyboardInterrupt at the n-th line executed inside lin_lens; True if
-    it completed first. Not injected: inside ``_tl.finish`` (which also holds a real Ctrl-C until
-    it is done) and on the statements that call it,
-    where clean-up begins (the one window Python cannot close: an interrupt on the very statement
-    that starts a ``finally`` clause)."""
-    count = [0]
-
-    def trace(frame, event, arg):
-        if not frame.f_code.co_filename.startswith(PKG) or frame.f_code.co_name in CLEANUP:
-            return None
-        if event == "line" and "finish(" not in linecache.getline(frame.f_code.co_filename,
-                                                                  frame.f_lineno):
-            count[0] += 1
-            if count[0] == n:
-                raise KeyboardInterrupt
-        return trace
-
-    sys.settrace(trace)
-    try:
-        fn()
-        return True
-    except KeyboardInterrupt:
-        return False
-    finally:
-        sys.settrace(None)
+    return interrupt_at(n, fn, under=PKG, skip=CLEANUP)
 
 
 def _detached_block(m):
