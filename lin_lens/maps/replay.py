@@ -82,6 +82,26 @@ class Replay:
         self.stop_at = last + 1 if blocks_only else None
         self.biases = biases(model, nonzero=False)
         self._zeros = {n: torch.zeros_like(p) for n, p in self.biases.items()}
+        self._narrow = self._unused_gate_weights()
+
+    def _unused_gate_weights(self) -> dict[str, Tensor]:
+        """A zero-width stand-in for every gated MLP's ``W_gate``: its output, the gate
+        pre-activation, is replaced by the recorded value, so computing it for every tangent is a
+        quarter of the replay's multiply-adds thrown away (``x @ W_gate`` then gives
+        ``[B, pos, 0]`` and :meth:`run`'s hook puts the frozen value in its place)."""
+        out: dict[str, Tensor] = {}
+        for h in self.freeze:
+            if (not h.endswith("mlp.hook_pre") or h in self.targets  # a target reads it live
+                    or h[: -len("hook_pre")] + "hook_pre_linear" not in self.model.hook_dict):
+                continue
+            name = h[: -len("hook_pre")] + "W_gate"
+            try:
+                W = self.model.get_parameter(name)
+            except AttributeError:
+                continue
+            if W.dim() == 2:
+                out[name] = W.detach()[:, :0]
+        return out
 
     # primal pass ------------------------------------------------------------------------------
     def recorder(self, hs: HookSet) -> None:
@@ -131,7 +151,7 @@ class Replay:
         want = set(self.targets) | ({LOGITS} if readout_input else set())
         pos = torch.tensor([t - start for t in self.positions if t >= start],
                            device=tokens.device, dtype=torch.long)
-        params = dict(self._zeros)
+        params = {**self._zeros, **self._narrow}
         if origin is not None and origin in self.biases:
             params[origin] = self.biases[origin].detach()
         seen: dict[str, Tensor] = {}
@@ -160,9 +180,14 @@ class Replay:
             v = self._sliced(hook.name, self.values[hook.name][nth(hook.name)], start)
             if v is None:
                 return t
-            if v.shape[0] != t.shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
-                v = v.repeat(t.shape[0] // v.shape[0], *([1] * (v.ndim - 1)))
-            return v.expand(t.shape)
+            shape = t.shape
+            if t.shape[-1] == 0 and v.shape[-1] != 0:  # a narrowed gate (_unused_gate_weights)
+                if v.shape[0] == 1:
+                    return v  # broadcast by the gate product: act() once, not per tangent
+                shape = (*t.shape[:-1], v.shape[-1])
+            if v.shape[0] != shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
+                v = v.repeat(shape[0] // v.shape[0], *([1] * (v.ndim - 1)))
+            return v.expand(shape)
 
         def keep_pre(t: Tensor, hook: Any) -> None:
             seen[hook.name] = t

@@ -67,6 +67,23 @@ def test_forward_engine_at_the_gate(arch, backend):
     _assert_forward_equals_reverse(model, hooks, None, ENGINE[backend])
 
 
+@requires_hooked("the forward replay follows HookedTransformer")
+def test_replay_skips_the_frozen_gate_unless_it_is_a_target():
+    """The replay does not compute the gate projection (its value is replaced by the frozen one)
+    except in a layer where the gate pre-activation itself is asked for; the maps above agree
+    with the reverse engine either way."""
+    from lin_lens.maps.replay import Replay
+
+    model = tiny("llama", "hooked")
+    toks = torch.tensor([[1, 2, 3]])
+    n = model.cfg.n_layers
+    r = Replay(model, toks, "hook_embed", layer_sweep_hooks(model), [2])
+    assert sorted(r._narrow) == [f"blocks.{i}.mlp.W_gate" for i in range(n)]
+    assert all(w.shape == (model.cfg.d_model, 0) for w in r._narrow.values())
+    r = Replay(model, toks, "hook_embed", ["blocks.1.mlp.hook_pre"], [2])
+    assert "blocks.1.mlp.W_gate" not in r._narrow and "blocks.0.mlp.W_gate" in r._narrow
+
+
 def test_forward_constants_are_independent(backend):
     """The constants come from their own replays: corrupting J must break the reconstruction."""
     model = tiny("gpt2", backend)
