@@ -241,12 +241,19 @@ def _shares_gram(J: Tensor, k: int) -> bool:
     return J.shape[-2] <= J.shape[-1] and k * TOPK_FRACTION <= J.shape[-2]
 
 
-def _stacked_topk(lm: Any, G: Tensor, k: int) -> SVD:
-    """The stacked operator's top-k :class:`SVD` from the per-token Gram matrices ``G``."""
+def _trace(G: Tensor) -> Tensor:
+    """``‖J‖_F²`` from the Gram matrix ``J Jᵀ``: its trace (summed in float64), no second pass
+    over J."""
+    return G.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
+
+
+def _stacked_topk(lm: Any, G: Tensor, k: int, sum_sq: Tensor) -> SVD:
+    """The stacked operator's top-k :class:`SVD` from the per-token Gram matrices ``G`` and their
+    traces ``sum_sq [n_src]``."""
     Js = stacked_operator(lm.J)
     U, S, Vh = _topk_svd(Js, k, gram=(G.sum(0), True))
     U, Vh = _orient(U, Vh, lm.x.reshape(-1))
-    return SVD(U, S, Vh, None, True, sum_sq=_sum_sq(Js))
+    return SVD(U, S, Vh, None, True, sum_sq=sum_sq.sum())
 
 
 def map_svds(lm: Any, k: int) -> tuple[SVD, SVD]:
@@ -258,7 +265,8 @@ def map_svds(lm: Any, k: int) -> tuple[SVD, SVD]:
     G, _ = _gram(J)  # [n_src, d_out, d_out]
     U, S, Vh = _topk_svd(J, k, gram=(G, True))
     U, Vh = _orient(U, Vh, lm.x)
-    return SVD(U, S, Vh, None, False, sum_sq=_sum_sq(J)), _stacked_topk(lm, G, k)
+    sum_sq = _trace(G)
+    return SVD(U, S, Vh, None, False, sum_sq=sum_sq), _stacked_topk(lm, G, k, sum_sq)
 
 
 def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
@@ -269,5 +277,6 @@ def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
     if not _shares_gram(J, k):
         return stable_rank(lm), svd(lm, k, stacked=True)
     G, _ = _gram(J)  # [n_src, d_out, d_out]
-    sr = _ratio(_sum_sq(J), top_eigh(G, 1)[0][..., 0]).to(J.dtype)
-    return sr, _stacked_topk(lm, G, k)
+    sum_sq = _trace(G)
+    sr = _ratio(sum_sq, top_eigh(G, 1)[0][..., 0].to(sum_sq.dtype)).to(J.dtype)
+    return sr, _stacked_topk(lm, G, k, sum_sq)

@@ -8,7 +8,7 @@ import torch
 import lin_lens
 import lin_lens.spectrum as A
 from lin_lens.spectrum import stable_rank, stacked_operator, svd
-from tests.conftest import tiny
+from tests.conftest import BACKENDS, tiny
 
 TOKENS = torch.tensor([3, 17, 5, 41, 8])
 
@@ -126,3 +126,27 @@ def test_top_k_of_a_float32_map_works_in_float32_to_its_precision():
     assert torch.allclose(top.S.double(), S[..., :3], rtol=1e-5, atol=0)
     exact = S.pow(2).sum(-1) / S[..., 0].pow(2)
     assert torch.allclose(stable_rank(J.float()).double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_map_spectra_and_svds_match_the_full_svd(dtype, tol):
+    """The sweeps' and corpus rows' shared-Gram summaries (‖J‖_F² from the Gram trace, s_max and
+    the stacked top-k from the summed per-token Grams) against LAPACK's SVD of the same map."""
+    lm = lin_lens.linear_map(tiny("llama", "hooked" if "hooked" in BACKENDS else "bridge", dtype),
+                             TOKENS, "blocks.1.hook_resid_post", -1)
+    k = 2
+    assert A._shares_gram(lm.J, k)  # the path under test
+    full = svd(lm)
+    full_st = svd(lm, stacked=True)
+    sr, st = A.map_spectra(lm, k)
+    per, st2 = A.map_svds(lm, k)
+
+    def close(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max()) <= tol
+
+    assert close(sr, full.stable_rank) and close(per.stable_rank, full.stable_rank)
+    for s in (st, st2):
+        assert close(s.S, full_st.S[:k]) and close(s.stable_rank, full_st.stable_rank)
+        for i in range(k):  # same singular vectors up to the shared sign convention
+            assert close(s.U[:, i].abs(), full_st.U[:, i].abs())
+    assert close(per.S, full.S[..., :k])
