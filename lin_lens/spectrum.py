@@ -159,12 +159,15 @@ def top_eigh(G: Float[Tensor, "... r r"], k: int, *, tol: float | None = None,
     b = min(r, k + 8)
     if 2 * b >= r:
         return _eigh_top(G, k)
-    H = G / G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
+    # G/trace(G) keeps four powers in range; applied to the thin X, not copied as a matrix
+    inv_tr = 1 / G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
     gen = torch.Generator(device=G.device).manual_seed(0)
     X = torch.randn(*G.shape[:-1], b, generator=gen, dtype=G.dtype, device=G.device)
     X = torch.linalg.qr(X).Q
     for _ in range(max_iter):
-        X = torch.linalg.qr(H @ (H @ (H @ (H @ X)))).Q  # r²·b each, not a matrix power (r³)
+        for _ in range(4):  # r²·b each, not a matrix power (r³)
+            X = (G @ X) * inv_tr
+        X = torch.linalg.qr(X).Q
         GX = G @ X
         ev, W = torch.linalg.eigh(X.mT @ GX)  # Rayleigh–Ritz on G, ascending
         ev, W = ev.flip(-1), W.flip(-1)

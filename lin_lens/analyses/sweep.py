@@ -196,7 +196,8 @@ def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int) -> dict:
         V_dec = V
     return {"sr": sr, "ssr": ssr, "S": f.S[:k], "U": U[:, :2], "V": V[:, :2],
             "to_out": U[:, :k] if lm.J.shape[-2] == d_model else None,
-            "to_in": V_dec[:, :k] if d_in == d_model else None, "err": lm.relative_error}
+            "to_in": V_dec[:, :k] if d_in == d_model else None,
+            "err": lm.meta["checked_error"] if "checked_error" in lm.meta else lm.relative_error}
 
 
 def _decode_all(model: Any, rows: list[dict], k: int, top: int) -> None:

@@ -166,7 +166,9 @@ def _checked(lm: LinearMap, req: MapRequest) -> LinearMap:
     """Refuse a detached map whose reconstruction error exceeds the tolerance."""
     if req.check and lm.detached:
         bound = req.tol if req.tol is not None else default_tolerance(lm.act4.dtype)
-        if not lm.relative_error <= bound:
+        err = lm.relative_error
+        lm.meta["checked_error"] = err  # what the check measured (summaries reuse it)
+        if not err <= bound:
             raise NotExactError(lm, bound, _cause(lm))
     return lm
 
