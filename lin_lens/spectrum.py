@@ -99,9 +99,10 @@ def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
         x = None if x is None else x.reshape(-1)
     m, n = J.shape[-2], J.shape[-1]
     if k is not None and 0 < k and k * TOPK_FRACTION <= min(m, n):
-        U, S, Vh = _topk_svd(J, k)
+        gram = _gram(J)
+        U, S, Vh = _topk_svd(J, k, gram)
         U, Vh = _orient(U, Vh, x)
-        return SVD(U, S, Vh, None, stacked, sum_sq=_sum_sq(J))
+        return SVD(U, S, Vh, None, stacked, sum_sq=_trace(gram[0]))
     if max(m, n) >= GRAM_RATIO * min(m, n) and J.numel() >= GRAM_MIN_NUMEL:
         U, S, Vh = _gram_svd(J, k)
     else:
@@ -124,10 +125,6 @@ TOPK_MAX_ITER = 200
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
-
-
-def _sum_sq(J: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(J, dim=(-2, -1), dtype=torch.float64).pow(2)
 
 
 def _work(J: Tensor) -> Tensor:
@@ -197,11 +194,6 @@ def _topk_svd(J: Tensor, k: int, gram: tuple[Tensor, bool] | None = None
     return U.to(J.dtype), S.to(J.dtype), V.mT.to(J.dtype)
 
 
-def s_max(J: Float[Tensor, "... m n"]) -> Tensor:
-    """The largest singular value of each matrix, from its Gram matrix."""
-    return top_eigh(_gram(J)[0], 1)[0][..., 0].sqrt()
-
-
 def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
     if J.shape[-2] < J.shape[-1]:  # wide: the SVD of Jᵀ, transposed back
         V, S, Uh = _gram_svd(J.mT, k)
@@ -231,7 +223,7 @@ def stable_rank(obj: Any, *, stacked: bool = False,
     if not singular_values:  # ‖J‖_F² / s_max², s_max from the Gram matrix: no SVD
         J = obj.J if _is_map(obj) else obj
         J = stacked_operator(J) if stacked else J
-        return _ratio(_sum_sq(J), s_max(J).pow(2)).to(J.dtype)
+        return _gram_stable_rank(_gram(J)[0]).to(J.dtype)
     s = obj
     s2 = s.pow(2)
     top = s2.amax(-1)
@@ -248,6 +240,12 @@ def _trace(G: Tensor) -> Tensor:
     """``‖J‖_F²`` from the Gram matrix ``J Jᵀ``: its trace (summed in float64), no second pass
     over J."""
     return G.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
+
+
+def _gram_stable_rank(G: Tensor) -> Tensor:
+    """``‖J‖_F² / s_max²`` (float64) from J's Gram matrix: its trace over its top eigenvalue."""
+    sum_sq = _trace(G)
+    return _ratio(sum_sq, top_eigh(G, 1)[0][..., 0].to(sum_sq.dtype))
 
 
 def _stacked_topk(lm: Any, G: Tensor, k: int, sum_sq: Tensor) -> SVD:
@@ -280,6 +278,4 @@ def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
     if not _shares_gram(J, k):
         return stable_rank(lm), svd(lm, k, stacked=True)
     G, _ = _gram(J)  # [n_src, d_out, d_out]
-    sum_sq = _trace(G)
-    sr = _ratio(sum_sq, top_eigh(G, 1)[0][..., 0].to(sum_sq.dtype)).to(J.dtype)
-    return sr, _stacked_topk(lm, G, k, sum_sq)
+    return _gram_stable_rank(G).to(J.dtype), _stacked_topk(lm, G, k, _trace(G))

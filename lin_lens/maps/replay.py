@@ -91,10 +91,11 @@ class Replay:
         ``[B, pos, 0]`` and :meth:`run`'s hook puts the frozen value in its place)."""
         out: dict[str, Tensor] = {}
         for h in self.freeze:
+            mlp = h[: -len("hook_pre")]  # "blocks.L.mlp."
             if (not h.endswith("mlp.hook_pre") or h in self.targets  # a target reads it live
-                    or h[: -len("hook_pre")] + "hook_pre_linear" not in self.model.hook_dict):
+                    or mlp + "hook_pre_linear" not in self.model.hook_dict):
                 continue
-            name = h[: -len("hook_pre")] + "W_gate"
+            name = mlp + "W_gate"
             try:
                 W = self.model.get_parameter(name)
             except AttributeError:
