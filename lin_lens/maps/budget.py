@@ -179,12 +179,12 @@ def preferred_chunk(n_tokens: int) -> int:
 
 
 def choose_chunk(model: Any, n_tokens: int, dtype: torch.dtype, free_bytes: int,
-                 preferred: int, total_rows: int) -> int:
-    """Largest chunk ≤ ``preferred`` whose working memory fits ``free_bytes`` (at least MIN_CHUNK
-    unless even that does not fit, then 1)."""
+                 preferred: int, total_rows: int, cap: int = MAX_CHUNK) -> int:
+    """Largest chunk ≤ ``preferred`` (and ``cap``) whose working memory fits ``free_bytes`` (at
+    least MIN_CHUNK unless even that does not fit, then 1)."""
     per = max(1, row_bytes(model, n_tokens, dtype))
     fit = max(1, free_bytes // per)
-    chunk = min(preferred, MAX_CHUNK, fit, max(1, total_rows))
+    chunk = min(preferred, cap, fit, max(1, total_rows))
     return int(max(1, chunk))
 
 

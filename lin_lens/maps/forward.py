@@ -6,7 +6,8 @@ detached graph, every hook at once as well, at the cost of a VJP per column and 
 truncation. Cost ∝ columns = n_src · d_in, independent of the number of hooks.
 
 ``choose_engine`` picks forward when ``REPLAY_COST × columns × depth`` is below ``Σ rows × depth``:
-the replay also runs the frozen Q/K and gate projections that VJPs skip, but it needs no autograd
+the replay runs a full frozen forward per column (the Q/K and gate projections at zero width where
+TransformerLens allows it, :class:`~lin_lens.maps.replay.Replay`) but needs no autograd
 bookkeeping (the measured cost ratio is in BENCHMARKS.md).
 """
 
@@ -28,7 +29,8 @@ from lin_lens.maps.result import LinearMap
 from lin_lens.progress import progress_bar
 
 REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (BENCHMARKS.md)
-DEFAULT_FWD_CHUNK = 192  # columns per replay
+DEFAULT_FWD_CHUNK = 192  # columns per replay, at least
+FWD_PASS_TOKENS = 4096  # columns × positions per replay at short inputs (BENCHMARKS.md)
 
 
 def _depth(model: Any, hook: str) -> float:
@@ -119,8 +121,10 @@ def _columns(model: Any, req: MapRequest, hooks: list[str], replay: Any, x: Tens
     need = need_J + budget.graph_bytes(model, n, dtype)
     b = budget.check(need, f"the operators at {len(hooks)} hooks ({len(tgt)} position(s), "
                      f"{n} source tokens)", req.max_memory, device=x.device)
-    chunk = req.chunk_size or budget.choose_chunk(model, n, dtype, b - need, DEFAULT_FWD_CHUNK,
-                                              n_cols_src * d_in)
+    # short inputs: a source token's columns in one replay (fewer, larger matmuls)
+    preferred = max(DEFAULT_FWD_CHUNK, FWD_PASS_TOKENS // n)
+    chunk = req.chunk_size or budget.choose_chunk(model, n, dtype, b - need, preferred,
+                                                  n_cols_src * d_in, cap=preferred)
     Js = {h: torch.zeros(len(tgt), n, d_out[h], d_in, dtype=dtype, device=x.device)
           for h in hooks}
     total = n_cols_src * d_in

@@ -82,7 +82,7 @@ class Replay:
         self.stop_at = last + 1 if blocks_only else None
         self.biases = biases(model, nonzero=False)
         self._zeros = {n: torch.zeros_like(p) for n, p in self.biases.items()}
-        self._narrow = self._unused_gate_weights()
+        self._narrow = {**self._unused_gate_weights(), **self._unused_qk_weights()}
 
     def _unused_gate_weights(self) -> dict[str, Tensor]:
         """A zero-width stand-in for every gated MLP's ``W_gate``: its output, the gate
@@ -102,6 +102,42 @@ class Replay:
                 continue
             if W.dim() == 2:
                 out[name] = W.detach()[:, :0]
+        return out
+
+    def _unused_qk_weights(self) -> dict[str, Tensor]:
+        """Zero-width stand-ins for the query and key projections (and the rotary tables) of
+        every attention layer whose pattern is frozen: q and k only feed that pattern, so the
+        replay would compute them for every tangent and throw them away (≈ a sixth of a Llama
+        layer's multiply-adds, plus the rotary). With width 0 the scores are a zero
+        ``[B, head, q, k]`` tensor, softmaxed and then replaced by the frozen pattern.
+
+        Left live (nothing narrowed) where a target reads the Q/K branch, or where TransformerLens
+        reshapes q/k by their width (q/k norms), rescales the rotary tables in the forward
+        (dynamic NTK) or holds quantised weights."""
+        model, cfg = self.model, self.model.cfg
+        if (any(_QK_BRANCH.search(h) for h in self.targets)
+                or getattr(cfg, "use_qk_norm", False) or getattr(cfg, "load_in_4bit", False)
+                or getattr(cfg, "use_dynamic_ntk_rope", False)):
+            return {}
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        out: dict[str, Tensor] = {}
+        for layer in range(int(cfg.n_layers)):
+            prefix = f"blocks.{layer}.attn."
+            if prefix + "hook_pattern" not in self.freeze:
+                continue
+            attn = model.get_submodule(prefix[:-1])
+            if any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
+                continue
+            names = [n for n in ("W_Q", "_W_Q", "W_K", "_W_K", "b_Q", "_b_Q", "b_K", "_b_K")
+                     if prefix + n in params]
+            if not ({"W_Q", "_W_Q"} & set(names) and {"W_K", "_W_K"} & set(names)):
+                continue
+            narrow = {prefix + n: params[prefix + n].detach()[..., :0] for n in names}
+            for n in ("rotary_sin", "rotary_cos"):
+                if prefix + n in buffers:
+                    narrow[prefix + n] = buffers[prefix + n][..., :0]
+            out.update(narrow)
         return out
 
     # primal pass ------------------------------------------------------------------------------
@@ -233,7 +269,9 @@ class Replay:
         return out
 
     def origins(self) -> list[str]:
-        names = [n for n, p in self.biases.items() if bool(p.detach().ne(0).any())]
+        # a narrowed q/k bias only feeds the frozen pattern: its constant is exactly zero
+        names = [n for n, p in self.biases.items()
+                 if n not in self._narrow and bool(p.detach().ne(0).any())]
         return names + (["hook_pos_embed"] if self.pos_origin else [])
 
 

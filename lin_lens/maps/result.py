@@ -94,7 +94,8 @@ class LinearMap:
     @exact_matmul()
     def reconstruct(self) -> Tensor:
         """``Σ_i J_i x_i + constant``, same shape as :attr:`act`."""
-        linear = torch.einsum("tsoi,si->to", self.J4, self.x)
+        # per source token, then summed: "tsoi,si->to" would copy J into [o, s, i] first
+        linear = torch.einsum("tsoi,si->tso", self.J4, self.x).sum(1)
         return self._sq(linear) + self.constant
 
     @property

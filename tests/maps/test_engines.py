@@ -78,10 +78,35 @@ def test_replay_skips_the_frozen_gate_unless_it_is_a_target():
     toks = torch.tensor([[1, 2, 3]])
     n = model.cfg.n_layers
     r = Replay(model, toks, "hook_embed", layer_sweep_hooks(model), [2])
-    assert sorted(r._narrow) == [f"blocks.{i}.mlp.W_gate" for i in range(n)]
-    assert all(w.shape == (model.cfg.d_model, 0) for w in r._narrow.values())
+    gates = {k: w for k, w in r._narrow.items() if k.endswith("W_gate")}
+    assert sorted(gates) == [f"blocks.{i}.mlp.W_gate" for i in range(n)]
+    assert all(w.shape == (model.cfg.d_model, 0) for w in gates.values())
     r = Replay(model, toks, "hook_embed", ["blocks.1.mlp.hook_pre"], [2])
     assert "blocks.1.mlp.W_gate" not in r._narrow and "blocks.0.mlp.W_gate" in r._narrow
+
+
+@requires_hooked("the forward replay follows HookedTransformer")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_replay_skips_the_frozen_queries_and_keys(arch):
+    """q and k only feed the frozen pattern: the replay runs their projections (and the rotary)
+    at zero width, unless a target reads the Q/K branch; the maps still equal the reverse
+    engine's (also in test_forward_equals_reverse, over every architecture)."""
+    from lin_lens.maps.replay import Replay
+
+    model = tiny(arch, "hooked")
+    toks = torch.tensor([[1, 2, 3, 4]])
+    hooks = layer_sweep_hooks(model)
+    r = Replay(model, toks, "hook_embed", hooks, [3])
+    n = model.cfg.n_layers
+    for i in range(n):
+        q = r._narrow[f"blocks.{i}.attn.W_Q"]
+        k = r._narrow.get(f"blocks.{i}.attn.W_K", r._narrow.get(f"blocks.{i}.attn._W_K"))
+        assert q.shape[-1] == 0 and k is not None and k.shape[-1] == 0
+        if model.cfg.positional_embedding_type == "rotary":
+            assert r._narrow[f"blocks.{i}.attn.rotary_sin"].shape[-1] == 0
+    _assert_forward_equals_reverse(model, hooks, None, "forward")
+    r = Replay(model, toks, "hook_embed", ["blocks.1.attn.hook_q"], [3])
+    assert not any("W_Q" in k or "W_K" in k for k in r._narrow)
 
 
 def test_forward_constants_are_independent(backend):
