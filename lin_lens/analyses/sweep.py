@@ -19,6 +19,7 @@ cosine between coordinate vectors). Absolute values: singular vectors have a sig
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,10 @@ from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
+from lin_lens._tl import model_device, model_dtype
 from lin_lens.decode import TokenList, decode_vectors, token_strings
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPositionError
-from lin_lens.maps import LinearMap, operators_at_hooks, to_tokens
+from lin_lens.maps import LinearMap, budget, layer_transforms, operators_at_hooks, to_tokens
 from lin_lens.maps.request import as_index, is_int_position, positions
 from lin_lens.progress import progress_bar
 from lin_lens.spectrum import SVD, map_spectra, stable_rank, svd
@@ -134,7 +136,9 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
                 **kw: Any) -> LayerSweep:
     """Operators of every layer (``layers``, default all; the last layer is always added as the
     reference for projections) for one prompt and position. ``kw`` goes to
-    :func:`lin_lens.linear_map` (e.g. ``chunk_size``). See the module docstring."""
+    :func:`lin_lens.operators_at_hooks` for the cumulative kinds (e.g. ``chunk_size``,
+    ``engine``) and, less ``engine``, to :func:`lin_lens.layer_transforms` for the transforms.
+    See the module docstring."""
     if not is_int_position(pos):
         raise ArgumentTypeError(f"layer_sweep takes one int position, got pos={pos!r}")
     tokens = to_tokens(model, inputs)
@@ -160,12 +164,14 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
         if cum:  # one call for every layer: the forward engine gets all hooks from one replay
             hooks = [_HOOK[kd].format(layer) for layer in layers for kd in cum]
             cum_ops = operators_at_hooks(model, tokens, hooks, t, source="hook_embed", **kw)
+        pending: dict[int, LinearMap] = {}
+        groups = _transform_groups(model, tokens, layers, t, kw) if "transform" in kinds else None
         for layer in layers:
             got = {kd: cum_ops.pop(_HOOK[kd].format(layer)) for kd in cum}
-            if "transform" in kinds:
-                src, tgt = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"
-                got["transform"] = operators_at_hooks(model, tokens, [tgt], t, source=src,
-                                                      **kw)[tgt]
+            if groups is not None:
+                if layer not in pending:
+                    pending.update(next(groups))
+                got["transform"] = pending.pop(layer)
             for kd, lm in got.items():
                 per[kd].append(_summarise(model, lm, focus, k))
                 if keep_maps:
@@ -176,6 +182,23 @@ def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | N
     _decode_all(model, [r for rows in per.values() for r in rows], k, top)
     return _assemble(model, tokens, t, layers, list(kinds), focus, per,
                      maps if keep_maps else None)
+
+
+def _transform_groups(model: Any, tokens: Tensor, layers: list[int], t: int, kw: dict
+                      ) -> Iterator[dict[int, LinearMap]]:
+    """The layers' own maps, as many layers per :func:`layer_transforms` pass (one forward, one
+    set of VJP rows) as half the memory budget holds, so that a long input streams."""
+    kw = {a: v for a, v in kw.items() if a != "engine"}
+    size = _layers_per_pass(model, tokens.shape[1], kw.get("max_memory"))
+    for i in range(0, len(layers), size):
+        yield layer_transforms(model, tokens, layers[i:i + size], t, **kw)
+
+
+def _layers_per_pass(model: Any, n_tokens: int, max_memory: Any) -> int:
+    d = int(model.cfg.d_model)
+    per_layer = n_tokens * d * d * budget.itemsize(model_dtype(model))
+    room = budget.budget(max_memory, model_device(model)) // 2
+    return max(1, room // max(1, per_layer))
 
 
 def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int) -> dict:

@@ -5,7 +5,7 @@
 → ``result`` (:class:`LinearMap`); ``budget`` is the memory preflight and ``api`` the only
 dispatcher."""
 
-from lin_lens.maps.api import linear_map, operators_at_hooks, top_singular
+from lin_lens.maps.api import layer_transforms, linear_map, operators_at_hooks, top_singular
 from lin_lens.maps.forward import layer_sweep_hooks
 from lin_lens.maps.matrix_free import TopSingular
 from lin_lens.maps.ordinary import ordinary_reconstruction
@@ -17,6 +17,7 @@ __all__ = [
     "TopSingular",
     "default_tolerance",
     "layer_sweep_hooks",
+    "layer_transforms",
     "linear_map",
     "operators_at_hooks",
     "ordinary_reconstruction",

@@ -16,11 +16,13 @@ from lin_lens._tl import LOGITS, canonical, model_device, model_dtype
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.maps import budget
 from lin_lens.maps.forward import choose_engine, forward_maps
+from lin_lens.maps.layerwise import layer_maps, transform_hooks
 from lin_lens.maps.matrix_free import TopSingular
 from lin_lens.maps.matrix_free import top_singular as _top_singular
 from lin_lens.maps.replay import ReplayUnsupported
 from lin_lens.maps.request import (
     MapRequest,
+    as_index,
     check_hook,
     hook_width,
     is_int_position,
@@ -122,6 +124,38 @@ def operators_at_hooks(model: Any, tokens: Any, hooks: Sequence[str], pos: Any =
         if h == source:
             raise InvalidArgumentError(f"source and target hook are the same: {h!r}")
     return _operators(model, req, hooks)
+
+
+@exact_matmul()
+def layer_transforms(model: Any, tokens: Any, layers: Sequence[int] | None = None,
+                     pos: Any = -1, *, chunk_size: int | None = None,
+                     progress: bool | None = None, check: bool = True, tol: float | None = None,
+                     max_memory: Any = None) -> dict[int, LinearMap]:
+    """Each layer's own exact map, ``blocks.L.hook_resid_pre`` → ``blocks.L.hook_resid_post``
+    (all source positions), for every ``L`` in ``layers`` (default: all), keyed by layer.
+
+    Each value is the :class:`LinearMap` that ``linear_map(model, tokens,
+    f"blocks.{L}.hook_resid_post", pos, source=f"blocks.{L}.hook_resid_pre")`` returns, each
+    checked against ``tol``; all come from one detached forward pass and one set of VJP rows
+    (:mod:`lin_lens.maps.layerwise`).
+    """
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if layers is None else [as_index(x, "layers")
+                                                          for x in layers]
+    bad = [x for x in layers if not -n_layers <= x < n_layers]
+    if bad or not layers:
+        raise InvalidArgumentError(f"layers={layers}: {bad or 'none'} out of range for a "
+                                   f"{n_layers}-layer model")
+    layers = sorted({x % n_layers for x in layers})
+    src, tgt = transform_hooks(layers[0])[0], transform_hooks(layers[-1])[1]
+    req = MapRequest.build(model, tokens, tgt, pos, source=src, chunk_size=chunk_size,
+                           progress=progress, check=check, tol=tol, engine="reverse",
+                           max_memory=max_memory)
+    for layer in layers:
+        for role, h in zip(("source", "target"), transform_hooks(layer), strict=True):
+            check_hook(model, h, role)
+    res = layer_maps(model, req, layers)
+    return {layer: _checked(lm, req) for layer, lm in res.items()}
 
 
 def _operators(model: Any, req: MapRequest, hooks: list[str]) -> dict[str, LinearMap]:

@@ -37,6 +37,7 @@ class Forward:
     acts: dict[str, Tensor]  # canonical target name → activation [1, n, ...]; "logits" → the
     # unembedding input (the readout is applied by the engine)
     origins: dict[str, Tensor] = field(default_factory=dict)  # other input leaves, by hook name
+    sources: dict[str, Tensor] = field(default_factory=dict)  # ``more_sources`` leaves
     biases: dict[str, Tensor] = field(default_factory=dict)  # nonzero biases (requires_grad on)
     logits: Tensor | None = None  # the model's own logits, when the pass ran to the end
 
@@ -47,14 +48,18 @@ class Forward:
 def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, source: str,
                      targets: Sequence[str], *, detach: bool = True, grad: bool = True,
                      constants: bool = False, full: bool = False,
-                     record: Callable[[HookSet], None] | None = None) -> Forward:
+                     record: Callable[[HookSet], None] | None = None,
+                     more_sources: Sequence[str] = ()) -> Forward:
     """Run the model once in detached mode (``detach=False``: the ordinary network) and return
     the leaves and activations. Config flags, frozen parameters and bias grads stay in force in
     ``stack`` (the caller's backward passes and replays need them); our hooks and detached mode
     are removed before returning. ``full``: run to the end and keep the logits (otherwise the
-    pass stops at the last target). ``record``: adds more hooks (after detached mode's)."""
+    pass stops at the last target). ``record``: adds more hooks (after detached mode's).
+    ``more_sources``: hooks whose activation becomes a leaf of its own (``fwd.sources``), cutting
+    what follows from what came before (per-layer maps from one pass)."""
     targets = list(targets)
-    stack.enter_context(flags_for(model, [h for h in (*targets, source) if h != LOGITS]))
+    stack.enter_context(flags_for(model, [h for h in (*targets, source, *more_sources)
+                                          if h != LOGITS]))
     stack.enter_context(requires_grad(list(model.parameters()), False))
     bias = biases(model) if constants else {}
     stack.enter_context(requires_grad(bias, True))
@@ -83,6 +88,8 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
             v = t.detach().requires_grad_(grad)
             if label == "source":
                 fwd.x = v
+            elif label in more_sources:
+                fwd.sources[label] = v
             else:
                 fwd.origins[label] = v
             return v
@@ -124,6 +131,8 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
         hs.add_module_hook(model, enter, pre=True)
         hs.add_module_hook(model, leave)
         hs.add(source, leaf("source"))
+        for h in more_sources:
+            hs.add(h, leaf(h))
         if constants:
             for origin in ("hook_embed", "hook_pos_embed"):
                 if origin in model.hook_dict and canonical(model, origin) != src_name:

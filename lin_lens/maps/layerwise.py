@@ -1,0 +1,116 @@
+"""Per-layer operators from one pass: layer L's own map ``blocks.L.hook_resid_pre`` →
+``blocks.L.hook_resid_post`` for many layers at once (the layer sweep's ``transform`` kind).
+
+Every selected layer's input becomes a leaf of its own (``detached_forward(more_sources=...)``),
+cut from the layers below, so layer L's output depends on its own leaf only. A batch of cotangents
+placed at *every* selected layer's output then yields row r of every layer's operator in one
+backward pass: the same rows and multiply-adds as one reverse map per layer, but one forward pass
+instead of one per layer (each up to its layer) and one autograd call per chunk instead of one per
+chunk and layer. Constants are per origin, as in :mod:`.reverse`; a bias belongs to the block that
+holds it (the cuts keep it from reaching any other layer's output, which is checked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._tl import canonical
+from lin_lens.errors import UnsupportedFeatureError
+from lin_lens.maps import budget
+from lin_lens.maps.graph import batched_grad, detached_forward
+from lin_lens.maps.request import MapRequest
+from lin_lens.maps.result import LinearMap
+from lin_lens.progress import progress_bar
+
+ENGINE = "reverse (layers in one pass)"
+
+
+def transform_hooks(layer: int) -> tuple[str, str]:
+    """(source, target) of layer ``layer``'s own map."""
+    return f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"
+
+
+def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, LinearMap]:
+    """``{L: layer L's map}`` at ``req``'s tokens and positions for sorted, distinct ``layers``."""
+    srcs, tgts = zip(*(transform_hooks(L) for L in layers), strict=True)
+    tgt = req.positions
+    n_t, n = len(tgt), req.tokens.shape[1]
+    with contextlib.ExitStack() as stack:
+        fwd = detached_forward(stack, model, req.tokens, srcs[0], list(tgts), constants=True,
+                               more_sources=srcs[1:])
+        stack.enter_context(torch.enable_grad())
+        xs = [fwd.x, *(fwd.sources[s] for s in srcs[1:])]
+        ys = [fwd.acts[canonical(model, h)] for h in tgts]
+        widths = {y[0, 0].numel() for y in ys} | {x[0, 0].numel() for x in xs}
+        if len(widths) != 1:
+            raise UnsupportedFeatureError(
+                f"layer inputs and outputs of different widths {sorted(widths)}: map each layer "
+                "with linear_map(..., source=f'blocks.{L}.hook_resid_pre') instead")
+        d = widths.pop()
+        x0 = fwd.x
+        isz = budget.itemsize(x0.dtype)
+        need = len(layers) * n_t * n * d * d * isz + budget.graph_bytes(model, n, x0.dtype)
+        b = budget.check(need, f"{len(layers)} per-layer operators ({n_t} position(s), {n} "
+                         f"source tokens)", req.max_memory, device=x0.device)
+        total = n_t * d
+        chunk = req.chunk_size or budget.choose_chunk(
+            model, n, x0.dtype, max(b - need, 0), budget.preferred_chunk(n), total)
+        bias_names = list(fwd.biases)
+        owner = _owners(model, fwd.biases)
+        inputs = [*xs, *fwd.biases.values()]
+        Y = torch.stack([y.reshape(1, n, d) for y in ys])  # [L, 1, n, d]
+        Js = [torch.empty(n_t, n, d, d, dtype=x0.dtype, device=x0.device) for _ in layers]
+        consts: list[dict[str, Tensor]] = [{} for _ in layers]
+        rows_t = torch.arange(n_t, device=x0.device).repeat_interleave(d)
+        rows_r = torch.arange(d, device=x0.device).repeat(n_t)
+        tgt_t = torch.tensor(tgt, device=x0.device)
+        bar = progress_bar(total, f"per-layer maps ({len(layers)} layers)", req.progress,
+                           unit="row")
+        try:
+            for start in range(0, total, chunk):
+                t_idx, r_idx = rows_t[start:start + chunk], rows_r[start:start + chunk]
+                k = len(t_idx)
+                go = torch.zeros(k, 1, 1, n, d, dtype=x0.dtype, device=x0.device)
+                go[torch.arange(k, device=x0.device), 0, 0, tgt_t[t_idx], r_idx] = 1
+                grads = batched_grad(Y, inputs, go.expand(k, len(layers), 1, n, d),
+                                     allow_unused=True)
+                for i, g in enumerate(grads[:len(xs)]):
+                    Js[i][t_idx, :, r_idx] = 0 if g is None else g.reshape(k, n, d)
+                for name, val, g in zip(bias_names, fwd.biases.values(), grads[len(xs):],
+                                        strict=True):
+                    if g is None or not bool(g.ne(0).any()):
+                        continue
+                    if owner[name] not in layers:
+                        raise UnsupportedFeatureError(
+                            f"bias {name!r} reaches a layer's output past the cut at its input; "
+                            "map each layer with linear_map(..., source=...) instead")
+                    c = consts[list(layers).index(owner[name])].setdefault(
+                        name, torch.zeros(n_t, d, dtype=x0.dtype, device=x0.device))
+                    c[t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
+                bar.update(k)
+        finally:
+            bar.close()
+    out = {}
+    tokens = req.tokens[0].detach().cpu()
+    for i, layer in enumerate(layers):
+        lm = LinearMap(J=Js[i], x=xs[i].detach()[0].reshape(n, -1),
+                       act=ys[i].detach()[0, tgt].reshape(n_t, -1), constants=consts[i],
+                       hook=tgts[i], source=srcs[i], positions=tgt,
+                       out_shape=tuple(ys[i].shape[2:]), tokens=tokens, detached=True,
+                       int_pos=req.int_pos)
+        lm.meta["engine"] = ENGINE
+        out[layer] = lm
+    return out
+
+
+def _owners(model: Any, params: dict[str, Tensor]) -> dict[str, int | None]:
+    """The block each parameter lives in, by identity (a Bridge names them after the wrapped
+    Hugging Face modules), None outside the blocks."""
+    where = {id(p): i for i, blk in enumerate(getattr(model, "blocks", []))
+             for p in blk.parameters()}
+    return {name: where.get(id(p)) for name, p in params.items()}
