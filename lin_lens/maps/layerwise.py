@@ -6,8 +6,10 @@ cut from the layers below, so layer L's output depends on its own leaf only. A b
 placed at *every* selected layer's output then yields row r of every layer's operator in one
 backward pass: the same rows and multiply-adds as one reverse map per layer, but one forward pass
 instead of one per layer (each up to its layer) and one autograd call per chunk instead of one per
-chunk and layer. Constants are per origin, as in :mod:`.reverse`; a bias belongs to the block that
-holds it (the cuts keep it from reaching any other layer's output, which is checked).
+chunk and layer. Constants are per origin, as in :mod:`.reverse`; a bias is credited to the block
+that holds it (the cuts keep it from reaching any other selected layer's output; a bias outside
+the selected blocks that reaches one is refused, and a wrong credit would fail that map's
+reconstruction check).
 """
 
 from __future__ import annotations
