@@ -20,10 +20,12 @@ def interrupt_at(n: int, fn: Callable[[], object], *, under: str,
     with ``under``; True if it completed first. Not injected: inside the functions named in
     ``skip`` (the clean-up itself, which also holds a real Ctrl-C until it is done) and on the
     statements that call ``finish(``, where clean-up begins (the one window Python cannot close:
-    an interrupt on the very statement that starts a ``finally`` clause), and on ``try:`` lines:
-    a ``try:`` compiles to a NOP where CPython never checks for a signal, so a real Ctrl-C cannot
-    arrive there, and an exception a trace function raises on it escapes the enclosing ``with``
-    block without its ``__exit__`` (CPython 3.11, reproduced in ``test_interrupts_helper``)."""
+    an interrupt on the very statement that starts a ``finally`` clause), and on ``try:`` and
+    ``with`` lines. A ``try:`` compiles to a NOP, and a ``with`` line's event fires again when
+    the block ends, just before ``__exit__`` is called: CPython checks for signals at neither
+    place, so a real Ctrl-C cannot arrive there, but an exception that a trace function raises
+    there leaves the enclosing ``with`` block without its ``__exit__`` (CPython 3.11; a lock
+    taken by ``with lock:`` then stays held). ``tests/test_interrupts_helper.py`` shows both."""
     count = [0]
 
     def trace(frame, event, arg):
@@ -31,7 +33,9 @@ def interrupt_at(n: int, fn: Callable[[], object], *, under: str,
         if not code.co_filename.startswith(under) or code.co_name in skip:
             return None
         line = linecache.getline(code.co_filename, frame.f_lineno) if event == "line" else ""
-        if event == "line" and "finish(" not in line and line.strip() != "try:":
+        stmt = line.strip()
+        if (event == "line" and "finish(" not in line and stmt != "try:"
+                and not stmt.startswith(("with ", "async with "))):
             count[0] += 1
             if count[0] == n:
                 raise KeyboardInterrupt
