@@ -242,9 +242,10 @@ def _trace(G: Tensor) -> Tensor:
     return G.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
 
 
-def _gram_stable_rank(G: Tensor) -> Tensor:
-    """``‖J‖_F² / s_max²`` (float64) from J's Gram matrix: its trace over its top eigenvalue."""
-    sum_sq = _trace(G)
+def _gram_stable_rank(G: Tensor, sum_sq: Tensor | None = None) -> Tensor:
+    """``‖J‖_F² / s_max²`` (float64) from J's Gram matrix: its trace (``sum_sq`` when the caller
+    has it) over its top eigenvalue."""
+    sum_sq = _trace(G) if sum_sq is None else sum_sq
     return _ratio(sum_sq, top_eigh(G, 1)[0][..., 0].to(sum_sq.dtype))
 
 
@@ -278,4 +279,5 @@ def map_spectra(lm: Any, k: int) -> tuple[Tensor, SVD]:
     if not _shares_gram(J, k):
         return stable_rank(lm), svd(lm, k, stacked=True)
     G, _ = _gram(J)  # [n_src, d_out, d_out]
-    return _gram_stable_rank(G).to(J.dtype), _stacked_topk(lm, G, k, _trace(G))
+    sum_sq = _trace(G)
+    return _gram_stable_rank(G, sum_sq).to(J.dtype), _stacked_topk(lm, G, k, sum_sq)

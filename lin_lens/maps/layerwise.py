@@ -24,9 +24,10 @@ from torch import Tensor
 from lin_lens._tl import canonical
 from lin_lens.errors import UnsupportedFeatureError
 from lin_lens.maps import budget
-from lin_lens.maps.graph import batched_grad, detached_forward
+from lin_lens.maps.graph import detached_forward
 from lin_lens.maps.request import MapRequest
 from lin_lens.maps.result import LinearMap
+from lin_lens.maps.reverse import default_chunk, row_batches
 from lin_lens.progress import progress_bar
 
 ENGINE = "reverse (layers in one pass)"
@@ -55,32 +56,25 @@ def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, 
                 "with linear_map(..., source=f'blocks.{L}.hook_resid_pre') instead")
         d = widths.pop()
         x0 = fwd.x
-        isz = budget.itemsize(x0.dtype)
-        need = len(layers) * n_t * n * d * d * isz + budget.graph_bytes(model, n, x0.dtype)
-        b = budget.check(need, f"{len(layers)} per-layer operators ({n_t} position(s), {n} "
-                         f"source tokens)", req.max_memory, device=x0.device)
+        j_bytes = len(layers) * n_t * n * d * d * budget.itemsize(x0.dtype)
+        budget.check(j_bytes + budget.graph_bytes(model, n, x0.dtype),
+                     f"{len(layers)} per-layer operators ({n_t} position(s), {n} source tokens)",
+                     req.max_memory, device=x0.device)
         total = n_t * d
-        chunk = req.chunk_size or budget.choose_chunk(
-            model, n, x0.dtype, max(b - need, 0), budget.preferred_chunk(n), total)
+        chunk = req.chunk_size or default_chunk(model, ys[0], x0, total, j_bytes,
+                                                 req.max_memory)
         bias_names = list(fwd.biases)
         owner = _owners(model, fwd.biases)
         inputs = [*xs, *fwd.biases.values()]
         Y = torch.stack([y.reshape(1, n, d) for y in ys])  # [L, 1, n, d]
         Js = [torch.empty(n_t, n, d, d, dtype=x0.dtype, device=x0.device) for _ in layers]
         consts: list[dict[str, Tensor]] = [{} for _ in layers]
-        rows_t = torch.arange(n_t, device=x0.device).repeat_interleave(d)
-        rows_r = torch.arange(d, device=x0.device).repeat(n_t)
-        tgt_t = torch.tensor(tgt, device=x0.device)
+        eye = torch.eye(d, dtype=x0.dtype, device=x0.device).expand(n_t, d, d)  # row r: e_r
         bar = progress_bar(total, f"per-layer maps ({len(layers)} layers)", req.progress,
                            unit="row")
         try:
-            for start in range(0, total, chunk):
-                t_idx, r_idx = rows_t[start:start + chunk], rows_r[start:start + chunk]
+            for t_idx, r_idx, grads in row_batches(Y, inputs, eye, tgt, chunk, bar):
                 k = len(t_idx)
-                go = torch.zeros(k, 1, 1, n, d, dtype=x0.dtype, device=x0.device)
-                go[torch.arange(k, device=x0.device), 0, 0, tgt_t[t_idx], r_idx] = 1
-                grads = batched_grad(Y, inputs, go.expand(k, len(layers), 1, n, d),
-                                     allow_unused=True)
                 for i, g in enumerate(grads[:len(xs)]):
                     Js[i][t_idx, :, r_idx] = 0 if g is None else g.reshape(k, n, d)
                 for name, val, g in zip(bias_names, fwd.biases.values(), grads[len(xs):],
@@ -94,7 +88,6 @@ def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, 
                     c = consts[list(layers).index(owner[name])].setdefault(
                         name, torch.zeros(n_t, d, dtype=x0.dtype, device=x0.device))
                     c[t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
-                bar.update(k)
         finally:
             bar.close()
     out = {}

@@ -14,6 +14,7 @@ Cost ∝ rows = n_tgt · d_out.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -134,44 +135,55 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
     """Batched VJPs for covectors ``cov [n_t, R, d_act]`` at the target positions: J
     ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``."""
     x = fwd.x
-    tgt = req.positions
     n_t, R, d_act = cov.shape
     total = n_t * R
-    rows_t = torch.arange(n_t, device=x.device).repeat_interleave(R)
-    rows_r = torch.arange(R, device=x.device).repeat(n_t)
     n_src, d_in = x.shape[1], x[0, 0].numel()
     j_bytes = n_t * n_src * R * d_in * x.element_size()
     budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory,
                  device=x.device)
-    chunk = req.chunk_size or _default_chunk(model, act, x, total, j_bytes, req.max_memory)
+    chunk = req.chunk_size or default_chunk(model, act, x, total, j_bytes, req.max_memory)
     leaves = fwd.constant_leaves()
     inputs = [x, *leaves.values()]
     names = list(leaves)
     J = torch.empty(n_t, n_src, R, d_in, dtype=x.dtype, device=x.device)
     consts = {k: torch.zeros(n_t, R, dtype=x.dtype, device=x.device) for k in names}
     flat_act = act.reshape(1, act.shape[1], -1)
-    tgt_t = torch.tensor(tgt, device=act.device)
     bar = progress_bar(total, "linear map rows", req.progress, unit="row")
     try:
-        for start in range(0, total, chunk):
-            t_idx = rows_t[start:start + chunk]
-            r_idx = rows_r[start:start + chunk]
+        for t_idx, r_idx, grads in row_batches(flat_act, inputs, cov, req.positions, chunk, bar):
             k = len(t_idx)
-            go = torch.zeros(k, 1, act.shape[1], d_act, dtype=act.dtype, device=act.device)
-            go[torch.arange(k, device=act.device), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
-            grads = batched_grad(flat_act, inputs, go, allow_unused=True)
             gx = grads[0]
             J[t_idx, :, r_idx] = 0 if gx is None else gx.reshape(k, n_src, -1)
             for name, val, g in zip(names, inputs[1:], grads[1:], strict=True):
                 if g is not None:
                     consts[name][t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
-            bar.update(k)
     finally:
         bar.close()
     return J, {k: v for k, v in consts.items() if bool(v.ne(0).any())}
 
 
-def _default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int,
+def row_batches(output: Tensor, inputs: list[Tensor], cov: Tensor, tgt: Sequence[int],
+                chunk: int, bar: Any) -> Iterator[tuple[Tensor, Tensor, tuple]]:
+    """Batched VJPs of ``output [*lead, 1, n, d]``, ``chunk`` rows per backward pass: row
+    ``(t, r)`` puts covector ``cov[t, r] [d]`` at position ``tgt[t]`` of every leading slice at
+    once. Yields ``(t_idx, r_idx, grads)``, each grad ``[k, *input.shape]`` or None (unreached);
+    ``bar`` advances by each batch once the caller has used it."""
+    n_t, R, d = cov.shape
+    lead, n, dev = output.shape[:-3], output.shape[-2], output.device
+    rows_t = torch.arange(n_t, device=dev).repeat_interleave(R)
+    rows_r = torch.arange(R, device=dev).repeat(n_t)
+    tgt_t = torch.tensor(list(tgt), device=dev)
+    for start in range(0, n_t * R, chunk):
+        t_idx, r_idx = rows_t[start:start + chunk], rows_r[start:start + chunk]
+        k = len(t_idx)
+        go = torch.zeros(k, 1, n, d, dtype=output.dtype, device=dev)
+        go[torch.arange(k, device=dev), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
+        go = go.reshape(k, *([1] * len(lead)), 1, n, d).expand(k, *lead, 1, n, d)
+        yield t_idx, r_idx, batched_grad(output, inputs, go, allow_unused=True)
+        bar.update(k)
+
+
+def default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int,
                    max_memory: int | None) -> int:
     """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
     n = act.shape[1]
