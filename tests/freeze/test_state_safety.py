@@ -78,6 +78,18 @@ def test_interrupt_during_linear_map_sampled_lines(model):
     assert lin_lens.linear_map(model, TOKENS, "logits").relative_error < 1e-12
 
 
+def test_interrupt_during_layer_transforms_sampled_lines(model):
+    """The per-layer maps add a leaf at every layer input in one pass: same guarantee."""
+    before = _state(model)
+    n, done = 1, False
+    while not done and n < 20000:
+        done = _interrupt_at(n, lambda: lin_lens.layer_transforms(model, TOKENS))
+        assert _state(model) == before, f"state changed by an interrupt at line {n}"
+        assert not lin_lens.is_detached(model)
+        n += 37
+    assert done
+
+
 def test_contexts_closed_out_of_order(model):
     before = _state(model)
     a, b = lin_lens.detached(model), lin_lens.detached(model)
