@@ -15,7 +15,6 @@ float32/float64 networks; no model hub is contacted.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import importlib.util
@@ -372,9 +371,3 @@ def _bridge(spec, hf, tok, dtype, fold_ln, device, n_ctx):
     if dtype == torch.float64:
         bridge_softmax_float64(model)
     return model
-
-
-def reference_copy(hf_model: Any) -> Any:
-    """A deep copy of a Hugging Face model, for comparisons after the Bridge (whose
-    ``enable_compatibility_mode`` rewrites the wrapped model's weights in place) wraps it."""
-    return copy.deepcopy(hf_model)

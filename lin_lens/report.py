@@ -56,7 +56,7 @@ class Analysis:
     hooks: dict[str, HookAnalysis]
     logit_map: Any | None  # map of the predicted token's logit (d_out = 1)
     attention: Any | None  # display.View
-    sweep: Any | None = None  # lin_lens.sweep.LayerSweep
+    sweep: Any | None = None  # lin_lens.analyses.sweep.LayerSweep
     timings: dict[str, float] = field(default_factory=dict)
     dtype: str = ""
 

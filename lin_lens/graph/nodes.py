@@ -106,11 +106,6 @@ class NodeSpace:
         self.blocks.append(Block(kind, start, layer, grid, source))
 
     @property
-    def leaf_hooks(self) -> list[str]:
-        """Hook names whose outputs become leaves (biases are parameters, already leaves)."""
-        return [b.source for b in self.blocks if b.kind not in ("bias", "target")]
-
-    @property
     def sender_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.kind != "target"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-import html
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from lin_lens._numeric import relative_error
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, UnknownNodeError
 from lin_lens.graph.nodes import KINDS, SOURCES
 
+FORMAT_VERSION = 1
 _TENSORS = ("node_ids", "kind", "layer", "pos", "index", "value", "total_effect", "influence",
             "cumulative", "adjacency", "edge_mask", "incoming_total", "tokens")
 
@@ -199,16 +200,35 @@ class AttributionGraph:
     def save(self, path: str | Path) -> Path:
         """``torch.save`` of every field (load with :meth:`load`)."""
         path = Path(path)
-        torch.save({"format": "lin_lens.AttributionGraph", "version": 1, **self.state()}, path)
+        torch.save({"format": "lin_lens.AttributionGraph", "version": FORMAT_VERSION,
+                    **self.state()}, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, map_location: Any = "cpu") -> AttributionGraph:
-        d = torch.load(path, map_location=map_location, weights_only=False)
-        if d.pop("format", None) != "lin_lens.AttributionGraph":
-            raise InvalidArgumentError(f"{path}: not a saved lin_lens AttributionGraph")
-        d.pop("version", None)
-        return cls(**d)
+        """A graph written by :meth:`save`. Only tensors and plain data are unpickled
+        (``weights_only=True``), so a file someone sent cannot run code; files of another
+        format or of a later format version are refused."""
+        try:
+            d = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, …
+            raise InvalidArgumentError(
+                f"{str(path)!r} is not a lin_lens AttributionGraph file, or holds more than "
+                f"tensors and plain data (refused: loading it could run code): {e}") from None
+        if not isinstance(d, dict) or d.pop("format", None) != "lin_lens.AttributionGraph":
+            raise InvalidArgumentError(f"{str(path)!r}: not a saved lin_lens AttributionGraph")
+        version = d.pop("version", None)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise InvalidArgumentError(
+                f"{str(path)!r} has format version {version!r}; this lin_lens reads up to "
+                f"{FORMAT_VERSION}: upgrade lin_lens")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        missing = known - d.keys()
+        if missing:
+            raise InvalidArgumentError(f"{str(path)!r} lacks the fields {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to(self, device: Any) -> AttributionGraph:
         """Move every tensor to ``device`` (in place; returns self)."""
@@ -235,9 +255,3 @@ class AttributionGraph:
         s = self.summary()
         return (f"AttributionGraph({s['target']!r} at pos {self.target['pos']}: {self.n_nodes} "
                 f"nodes, {self.n_edges} edges, relative error {s['relative error']:.1e})")
-
-    def summary_html(self) -> str:
-        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in self.summary().items())
-        return f"<table><caption>AttributionGraph</caption>{rows}</table>"

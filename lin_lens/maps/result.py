@@ -108,17 +108,19 @@ class LinearMap:
         computed at instead, ``max(|uᵀact|, |u|ᵀ|act|, Σ_i |J_i x_i| + Σ_o |c_o|)``: the rounding
         of ``uᵀact`` itself, a well-conditioned measure that still flags any unfrozen
         nonlinearity."""
-        err = relative_error(self.act, self.reconstruct())
+        per_token = torch.einsum("tsoi,si->tso", self.J4, self.x)  # one pass over J
+        recon = self._sq(per_token.sum(1)) + self.constant
+        err = relative_error(self.act, recon)
         if self.direction is None or tuple(self.out_shape) != (1,):
             return err
         act = self.act4.reshape(-1).to(torch.float64)
-        parts = torch.einsum("tsoi,si->tso", self.J4, self.x).abs().sum(1).reshape(-1)
+        parts = per_token.abs().sum(1).reshape(-1)
         for v in self.constants.values():
             parts = parts + v.abs().reshape(-1)
         scale = torch.maximum(act.abs(), parts.to(torch.float64))
         if self.error_scale is not None:
             scale = torch.maximum(scale, self.error_scale.reshape(-1).to(torch.float64))
-        num = torch.linalg.vector_norm(act - self.reconstruct().reshape(-1).to(torch.float64))
+        num = torch.linalg.vector_norm(act - recon.reshape(-1).to(torch.float64))
         den = torch.linalg.vector_norm(scale)
         return float(num / den) if float(den) > 0 else err
 
@@ -153,7 +155,8 @@ class LinearMap:
                         None if self.direction is None else self.direction[k:k + 1],
                         self.tokens, self.detached, True)
         sub.error_scale = None if self.error_scale is None else self.error_scale[k:k + 1]
-        sub.meta = dict(self.meta)
+        # the whole map's measured error is not this part's
+        sub.meta = {m: v for m, v in self.meta.items() if m != "checked_error"}
         return sub
 
     def summary(self) -> dict[str, Any]:
@@ -234,13 +237,19 @@ class LinearMap:
                         {k: mv(v) for k, v in self.constants.items()}, self.hook, self.source,
                         self.positions, self.out_shape, mv(self.out_index), mv(self.direction),
                         self.tokens, self.detached, self.int_pos)
+        out.error_scale = mv(self.error_scale)
         out.meta = dict(self.meta)
         return out
 
     def __repr__(self) -> str:
-        s = self.summary()
-        return (f"LinearMap({s['hook']!r} ← {s['source']!r}, {s['mode']}, J {s['J shape']}, "
-                f"{s['dtype']}, relative error {s['relative error']:.2e})")
+        # the error the exactness check measured, when there was one: a repr should not take
+        # another pass over J
+        err = self.meta.get("checked_error")
+        err = self.relative_error if err is None else err
+        mode = "detached" if self.detached else "ordinary"
+        dtype = str(self.J4.dtype).replace("torch.", "")
+        return (f"LinearMap({self.hook!r} ← {self.source!r}, {mode}, J {list(self.J.shape)}, "
+                f"{dtype}, relative error {err:.2e})")
 
     def _repr_html_(self) -> str:
         rows = [(k, f"{v:.3e}" if isinstance(v, float) else v) for k, v in self.summary().items()]

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 
+from lin_lens.errors import InvalidArgumentError
 from lin_lens.graph import AttributionGraph
 from tests.graph.graph_cases import PAIR, pruned_graph
 
@@ -115,6 +116,37 @@ def test_save_load_and_to(tmp_path):
     with pytest.raises(ValueError, match="not a saved"):
         torch.save({"x": 1}, tmp_path / "other.pt")
         AttributionGraph.load(tmp_path / "other.pt")
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious graph file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_never_runs_code_from_the_file(tmp_path):
+    g = pruned_graph("bridge", "llama")
+    marker = tmp_path / "pwned"
+    state = {"format": "lin_lens.AttributionGraph", "version": 1, **g.state(),
+             "meta": {**g.meta, "x": _RunsCode(marker)}}
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(InvalidArgumentError, match="could run code"):
+        AttributionGraph.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_load_refuses_a_later_format_version(tmp_path):
+    g = pruned_graph("bridge", "llama")
+    torch.save({"format": "lin_lens.AttributionGraph", "version": 99, **g.state()},
+               tmp_path / "new.pt")
+    with pytest.raises(InvalidArgumentError, match="format version 99"):
+        AttributionGraph.load(tmp_path / "new.pt")
 
 
 def test_html_view_is_self_contained(tmp_path):

@@ -92,3 +92,22 @@ def test_top_level_api():
                  "stable_rank", "decode", "layer_sweep", "decompose", "head_operators", "steer",
                  "load_model", "load_hf", "LinLensError"):
         assert hasattr(lin_lens, name), name
+
+
+def test_to_keeps_the_error_scale_of_a_direction_map(model):
+    u = torch.zeros(model.cfg.d_vocab, dtype=torch.float64)
+    u[3], u[4] = 1.0, -1.0
+    lm = lin_lens.linear_map(model, TOKENS, "logits", -1, direction=u)
+    assert lm.error_scale is not None
+    moved = lm.to("cpu")
+    assert torch.equal(moved.error_scale, lm.error_scale)
+    assert moved.relative_error == lm.relative_error
+
+
+def test_repr_reports_the_checked_error_without_another_pass(lm, monkeypatch):
+    assert f"{lm.meta['checked_error']:.2e}" in repr(lm)
+    calls = []
+    real = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    repr(lm)
+    assert calls == []
