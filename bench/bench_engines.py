@@ -191,7 +191,7 @@ def run_one(engine: str, n: int, dtype_s: str, rows: int, save: str | None) -> d
         linear_map(m, toks[:, :3], "unembed.hook_in", -1, progress=False)  # warm-up
         J = None
         if engine in ("jacrev", "jr_rows"):
-            from lin_lens._tl import HookSet
+            from lin_lens._hooks import HookSet
 
             emb = m.embed(toks)[0].detach()
 

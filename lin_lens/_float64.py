@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lin_lens._tl import plain_attention_bridge
 from lin_lens.errors import UnsupportedFeatureError
 
 F64 = torch.float64
@@ -144,8 +145,7 @@ def bridge_softmax_float64(bridge: Any) -> int:
     the float64-keeping softmax is installed for exactly that call; it changes only float64
     inputs asked for a float32 result.
     """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
+    AttentionBridge = plain_attention_bridge()  # noqa: N806 - a class
     n = 0
     for module in bridge.modules():
         if isinstance(module, AttentionBridge):

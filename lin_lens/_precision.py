@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lin_lens._tl import _pending, finish
+from lin_lens._hooks import finish, pending
 
 # torch ≥ 2.9 also has per-backend ``fp32_precision`` settings ("ieee", "tf32", "bf16", "none" =
 # inherit from the parent); the legacy flags are views of them. These are saved and restored
@@ -115,7 +115,7 @@ def exact_matmul() -> Iterator[None]:
                 _restore(_SAVED[-1])
                 _SAVED.clear()
 
-    done = _pending(undo)
+    done = pending(undo)
     try:
         with _LOCK:
             if not _HOLDERS and not _SAVED:

@@ -35,6 +35,7 @@ from lin_lens._tl import (
     TL_VERSION,
     HookedTransformer,
     TransformerBridge,
+    tl_loading,
 )
 from lin_lens.errors import InvalidArgumentError, ModelNotAvailableError
 
@@ -277,7 +278,7 @@ def _quiet_tl():
 def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
     # HookedTransformer.from_pretrained only takes official names, and names containing
     # "llama" select hard-coded configs; the lower-level loaders accept a local config dir.
-    from transformer_lens import loading_from_pretrained as loading
+    loading = tl_loading()
 
     with _quiet_tl(), tempfile.TemporaryDirectory(prefix="lin_lens_cfg_") as cfg_dir:
         source = spec.tl_name

@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from lin_lens._tl import HAS_HOOKED, TL_VERSION, TransformerBridge
+from lin_lens._tl import (
+    HAS_HOOKED,
+    TL_VERSION,
+    HookedTransformer,
+    TransformerBridge,
+    hooked_config_class,
+)
 from lin_lens.errors import InvalidArgumentError, ModelNotAvailableError
 
 # family → HookedTransformerConfig fields (beyond the shared tiny sizes)
@@ -61,8 +67,7 @@ def tiny_model(
         raise HookedTransformerUnavailable(
             f"transformer_lens {TL_VERSION} has no HookedTransformer (removed in 4.0)"
         )
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    HookedTransformerConfig = hooked_config_class()  # noqa: N806 - a class
     if arch not in HOOKED_ARCHS:
         raise InvalidArgumentError(f"unknown arch {arch!r}; choose from {sorted(HOOKED_ARCHS)}")
     fields = dict(

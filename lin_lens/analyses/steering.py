@@ -42,9 +42,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lin_lens._hooks import HookSet
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import HookSet
 from lin_lens.decode import token_strings
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.maps import linear_map, to_tokens

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 import lin_lens
+from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import HookSet
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, LinLensError
 

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._hooks import HookSet
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import HookSet
 from lin_lens.analyses.decompose import (
     FINAL,
     NOT_SUMMING,

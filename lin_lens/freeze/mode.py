@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import HookSet, finish, strip, undo_pending
+from lin_lens._hooks import HookSet, finish, strip, undo_pending
 from lin_lens.freeze.gates import relinearize, softcap_gate
 from lin_lens.freeze.rules import freezing_rules
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lin_lens._tl import is_bridge, parent_module, unique_hooks
+from lin_lens._tl import is_bridge, parent_module, plain_attention_bridge, unique_hooks
 from lin_lens.errors import UnsupportedFeatureError
 from lin_lens.freeze.gates import check_gate, gate_fn, relinearize
 
@@ -88,9 +88,7 @@ def _norm_rule(model: Any, scale_hook: str) -> list[Rule]:
 def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
     attn = parent_module(model, pattern_hook)
     if is_bridge(model):
-        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-        if type(attn).forward is AttentionBridge.forward:
+        if type(attn).forward is plain_attention_bridge().forward:
             raise UnsupportedFeatureError(
                 f"{pattern_hook}: {type(attn).__name__} runs Hugging Face's attention and fires "
                 "hook_pattern after the fact, so the attention pattern cannot be frozen "

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._hooks import requires_grad
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, model_dtype, requires_grad
+from lin_lens._tl import LOGITS, model_dtype
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens.errors import InvalidArgumentError, NotExactError
 from lin_lens.freeze import detached

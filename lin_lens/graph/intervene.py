@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, HookSet, unique_hooks
+from lin_lens._tl import LOGITS, unique_hooks
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.graph._naming import is_gated
 from lin_lens.graph.nodes import SOURCES

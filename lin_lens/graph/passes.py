@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, HookSet
+from lin_lens._hooks import HookSet
+from lin_lens._tl import LOGITS
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.graph._naming import is_gated
 

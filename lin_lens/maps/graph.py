@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, HookSet, biases, canonical, flags_for, requires_grad
+from lin_lens._hooks import HookSet, flags_for, requires_grad
+from lin_lens._tl import LOGITS, biases, canonical
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import cut_hooks, detached
 

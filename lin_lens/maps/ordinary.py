@@ -12,8 +12,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, HookSet, biases, model_device
+from lin_lens._tl import LOGITS, biases, model_device
 from lin_lens.errors import InvalidArgumentError
 
 

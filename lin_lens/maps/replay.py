@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, HookSet, biases, canonical, is_bridge
+from lin_lens._hooks import HookSet
+from lin_lens._tl import LOGITS, biases, canonical, is_bridge
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import freezing_rules
 from lin_lens.freeze.gates import gate_fn

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens._tl import HAS_HOOKED, _ours
+from lin_lens._hooks import _ours
+from lin_lens._tl import HAS_HOOKED
 from lin_lens.testing import tiny_bridge, tiny_model
 from tests._interrupts import interrupt_at
 from tests.conftest import cpu_only
@@ -136,7 +137,7 @@ def test_forward_pass_from_a_user_hook_does_not_overwrite_the_leaves(model):
 def test_reset_undoes_flags_and_grads_of_an_abandoned_call(model):
     """A lin_lens call abandoned half-way (its contexts never closed, as when an interrupt lands
     on the first line of their clean-up): reset restores the config flags and requires_grad."""
-    from lin_lens._tl import flags_for, requires_grad
+    from lin_lens._hooks import flags_for, requires_grad
 
     before = _state(model)
     flags = flags_for(model, ["blocks.0.attn.hook_result"])
