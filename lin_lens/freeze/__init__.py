@@ -2,7 +2,7 @@
 the gradient path, through TransformerLens hook names (see :mod:`.rules` for the table)."""
 
 from lin_lens.freeze.mode import detached, in_functorch_transform, is_detached, reset
-from lin_lens.freeze.rules import Rule, cut_hooks, freezing_rules
+from lin_lens.freeze.rules import Rule, cut_hooks, freezing_rules, read_before_cut
 
 __all__ = [
     "Rule",
@@ -11,5 +11,6 @@ __all__ = [
     "freezing_rules",
     "in_functorch_transform",
     "is_detached",
+    "read_before_cut",
     "reset",
 ]

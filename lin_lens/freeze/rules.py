@@ -177,3 +177,13 @@ def cut_hooks(model: Any) -> set[str]:
     """Hook names where detached mode only cuts the gradient (a value read before the cut is
     still the live activation, e.g. a gated MLP's gate pre-activation)."""
     return {r.hook for r in freezing_rules(model) if r.detaches}
+
+
+def read_before_cut(model: Any, hook: str) -> bool:
+    """Whether a linear activation at ``hook`` must be read before detached mode's own hook
+    there: a hook whose value detached mode detaches (a gated MLP's gate pre-activation is
+    linear, but cut right at its hook); every other hook is read after lin_lens's hooks."""
+    if hook == "logits" or hook not in model.hook_dict:
+        return False
+    name = model.hook_dict[hook].name or hook
+    return any((model.hook_dict[c].name or c) == name for c in cut_hooks(model))

@@ -17,17 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._hooks import requires_grad
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, model_dtype
-from lin_lens._tl import biases as nonzero_biases
-from lin_lens.errors import InvalidArgumentError, NotExactError
-from lin_lens.freeze import detached
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.graph import prune as P
 from lin_lens.graph.engine import Attributor
 from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
 from lin_lens.graph.result import AttributionGraph
 from lin_lens.maps import default_tolerance, to_tokens
+from lin_lens.maps.request import check_hook, is_int_position, positions
 from lin_lens.progress import progress_bar
 
 DENSE_LIMIT = 20_000  # prune=False keeps an [N, N] adjacency: refuse beyond this many nodes
@@ -95,11 +93,10 @@ def attribution_graph(
     t0 = time.perf_counter()
     tokens = to_tokens(model, prompt, prepend_bos)
     n = tokens.shape[1]
-    if isinstance(pos, bool) or not isinstance(pos, int):
-        raise InvalidArgumentError(f"pos={pos!r}: the target position must be one int")
-    if not -n <= pos < n:
-        raise InvalidArgumentError(f"pos={pos} out of range for a prompt of {n} tokens")
-    pos %= n
+    if not is_int_position(pos):
+        raise ArgumentTypeError(f"pos={pos!r}: the target position must be one int")
+    pos = positions(pos, n)[0]
+    check_hook(model, hook, "target")
     nodes = (nodes,) if isinstance(nodes, str) else tuple(nodes)
     if not nodes or set(nodes) - {"heads", "neurons"}:
         raise InvalidArgumentError(f"nodes={nodes!r}: give 'heads' and/or 'neurons'")
@@ -111,13 +108,10 @@ def attribution_graph(
             f"max_nodes={max_nodes!r}, batch_size={batch_size!r}, row_top_k={row_top_k!r} "
             "must be positive")
     strs = _str_tokens(model, tokens)
-    biases = nonzero_biases(model)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(detached(model))
-        stack.enter_context(requires_grad(biases, True))
         stack.enter_context(torch.enable_grad())
-        att = Attributor(model, tokens, target, hook, pos, "heads" in nodes, "neurons" in nodes,
-                         biases, lambda i: _decode(model, i))
+        att = Attributor(stack, model, tokens, target, hook, pos, "heads" in nodes,
+                         "neurons" in nodes, lambda i: _decode(model, i))
         if prune:
             part = _pruned(att, node_threshold, edge_threshold, max_nodes, batch_size,
                            row_top_k, progress)

@@ -23,9 +23,9 @@ from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, unique_hooks
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
+from lin_lens.freeze import read_before_cut
 from lin_lens.graph._naming import is_gated
 from lin_lens.graph.nodes import SOURCES
-from lin_lens.graph.passes import read_before_cut
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Per-layer operators from one pass: layer L's own map ``blocks.L.hook_resid_pre`` →
 ``blocks.L.hook_resid_post`` for many layers at once (the layer sweep's ``transform`` kind).
 
-Every selected layer's input becomes a leaf of its own (``detached_forward(more_sources=...)``),
+Every selected layer's input becomes a leaf of its own (``detached_forward(cuts=...)``),
 cut from the layers below, so layer L's output depends on its own leaf only. A batch of cotangents
 placed at *every* selected layer's output then yields row r of every layer's operator in one
 backward pass: the same rows and multiply-adds as one reverse map per layer, but one forward pass
@@ -45,7 +45,7 @@ def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, 
     n_t, n = len(tgt), req.tokens.shape[1]
     with contextlib.ExitStack() as stack:
         fwd = detached_forward(stack, model, req.tokens, srcs[0], list(tgts), constants=True,
-                               more_sources=srcs[1:])
+                               cuts=srcs[1:])
         stack.enter_context(torch.enable_grad())
         xs = [fwd.x, *(fwd.sources[s] for s in srcs[1:])]
         ys = [fwd.acts[canonical(model, h)] for h in tgts]
