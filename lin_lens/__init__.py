@@ -2,7 +2,7 @@
 
 The pipeline, one subpackage per step: :mod:`~lin_lens.freeze` (detached mode) →
 :mod:`~lin_lens.maps` (exact operators: request, engines, :class:`LinearMap`) →
-:mod:`~lin_lens.spectrum` / :mod:`~lin_lens.decode` (SVD, stable rank, vectors to tokens) →
+:mod:`~lin_lens.spectrum` / :mod:`~lin_lens.decoding` (SVD, stable rank, vectors to tokens) →
 :mod:`~lin_lens.analyses` (heads, decomposition, layer sweep, steering) →
 :mod:`~lin_lens.display` / :mod:`~lin_lens.report` / :mod:`~lin_lens.cli`. Models come from
 :mod:`~lin_lens.models` (real, offline) and :mod:`~lin_lens.testing` (tiny, random).
@@ -16,7 +16,7 @@ from lin_lens.analyses import (
     steering_hooks,
     steering_operator,
 )
-from lin_lens.decode import decode, top_singular_tokens
+from lin_lens.decoding import decode, top_singular_tokens
 from lin_lens.errors import (
     InvalidArgumentError,
     LinLensError,

@@ -9,6 +9,7 @@ inlined once.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
 from dataclasses import dataclass, field
@@ -18,42 +19,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens import display, spectrum
+from lin_lens import display
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import model_dtype, resolve_hook
 from lin_lens.analyses import layer_sweep
+from lin_lens.analyses.prompt import HookAnalysis, analyze_prompt
 from lin_lens.display import plots
-from lin_lens.errors import InvalidArgumentError, InvalidPositionError
-from lin_lens.maps import linear_map, ordinary_reconstruction, to_tokens
+from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+from lin_lens.maps import to_tokens
+from lin_lens.maps.request import is_int_position, positions
 from lin_lens.progress import progress_bar
 
 DEFAULT_HOOK = "ln_final.hook_normalized"
 
 
 @dataclass
-class HookAnalysis:
-    """The exact operator at one hook (one target position) and what we derive from it."""
-
-    hook: str
-    lm: Any  # LinearMap, J [n_src, d_out, d_in]
-    ordinary: Tensor | None  # the ordinary Jacobian's reconstruction [d_out]
-    S: Tensor  # [n_src, r] singular values per source token
-    stable_rank: Tensor  # [n_src]
-    decoded: list[dict]  # display.decode_svd output (U, V samples)
-    seconds: float = 0.0
-
-
-@dataclass
 class Analysis:
+    """A :class:`~lin_lens.analyses.prompt.PromptAnalysis` at one target position, plus what
+    only the report shows (full singular spectra, attention patterns, a layer sweep)."""
+
     text: str
     model_name: str
     tokens: Tensor
     str_tokens: list[str]
     pos: int
     prediction: list[tuple[str, float]]  # top next tokens with probabilities
-    hooks: dict[str, HookAnalysis]
+    hooks: dict[str, HookAnalysis]  # each map at ``pos`` (lm.at(0)) and its decoding
+    spectra: dict[str, Tensor]  # hook → singular values per source token [n_src, r]
     logit_map: Any | None  # map of the predicted token's logit (d_out = 1)
     attention: Any | None  # display.View
     sweep: Any | None = None  # lin_lens.analyses.sweep.LayerSweep
@@ -63,47 +57,18 @@ class Analysis:
 
 # -- computing ----------------------------------------------------------------------------------
 
-def _ordinary(model: Any, tokens: Tensor, hook: str, pos: int, progress: Any) -> Tensor:
-    try:
-        return ordinary_reconstruction(model, tokens, hook, pos)
-    except Exception:  # e.g. an op without forward-mode AD: the full ordinary Jacobian
-        return linear_map(model, tokens, hook, pos, detach=False, check=False,
-                          progress=progress).reconstruct()
-
-
-def _hook_analysis(model, tokens, hook, pos, labels, ordinary, k, progress) -> HookAnalysis:
-    t0 = time.perf_counter()
-    lm = linear_map(model, tokens, hook, pos, progress=progress)
-    if lm.J.ndim != 3 or len(lm.out_shape) != 1:
-        raise InvalidArgumentError(f"hook {hook!r}: the report needs a vector-valued activation, "
-                         f"got output shape {list(lm.out_shape)}")
-    orig = _ordinary(model, tokens, hook, pos, progress) if ordinary else None
-    dec = spectrum.svd(lm)  # per token, oriented so that v·x_i ≥ 0
-    decoded = display.decode_svd(model, dec.U, dec.Vh.transpose(-1, -2), labels, k=k)
-    return HookAnalysis(hook, lm, orig, dec.S.float(), dec.stable_rank, decoded,
-                        time.perf_counter() - t0)
-
-
 @exact_matmul()
 def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos: int = -1, *,
             ordinary: bool = True, sweep: bool | list[int] = False, attn_layers=None,
             k: int = 8, model_name: str = "", progress: bool | None = None) -> Analysis:
     """Everything the report shows, for one prompt and one target position."""
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     tokens = to_tokens(model, text)
     labels = display.str_tokens(model, tokens)
     n = tokens.shape[1]
-    if not -n <= pos < n:
-        raise InvalidPositionError(f"position {pos} out of range for an input of {n} tokens")
-    with torch.no_grad():
-        logits = model(tokens, return_type="logits")[0, pos].double()
-    probs = logits.softmax(-1)
-    top = probs.topk(min(5, probs.numel()))
-    prediction = [(display.str_tokens(model, torch.tensor([i]))[0], float(p))
-                  for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
-    timings["forward"] = time.perf_counter() - t0
-
+    if not is_int_position(pos):
+        raise ArgumentTypeError(f"pos={pos!r}: the report takes one int position")
+    at = positions(pos, n)
     hooks = list(hooks or [DEFAULT_HOOK])
     for h in hooks:  # fail on a typo before any long computation
         if h == "logits":
@@ -111,28 +76,21 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
                 "the full map of the logits has d_vocab rows; the report maps "
                 f"{DEFAULT_HOOK!r} (decoded through W_U) and the predicted logit")
         resolve_hook(model, h)
-    results = {}
-    bar = progress_bar(len(hooks) + 2, "lin-lens analyze", progress, unit="step")
+    bar = progress_bar(2, "lin-lens analyze", progress, unit="step")
     try:
-        for h in hooks:
-            bar.set_postfix_str(h)
-            results[h] = _hook_analysis(model, tokens, h, pos, labels, ordinary, k, progress)
-            timings[h] = results[h].seconds
-            bar.update()
-        t1 = time.perf_counter()
-        onehot = torch.zeros_like(logits)
-        onehot[int(top.indices[0])] = 1
-        bar.set_postfix_str("predicted logit")
-        logit_map = linear_map(model, tokens, "logits", pos, direction=onehot, progress=False)
-        timings["logit map"] = time.perf_counter() - t1
+        pa = analyze_prompt(model, tokens, hooks, at, with_ordinary=ordinary, k=k, top=10,
+                            progress=progress)
         bar.update()
         t1 = time.perf_counter()
-        bar.set_postfix_str("attention")
         attn = display.attention_view(model, tokens, attn_layers, labels)
         bar.update()
-        timings["attention"] = time.perf_counter() - t1
     finally:
         bar.close()
+    timings = dict(pa.timings)
+    timings["attention"] = time.perf_counter() - t1
+    one = {h: dataclasses.replace(r, lm=r.lm.at(0), ordinary=None if r.ordinary is None
+                                  else r.ordinary[0]) for h, r in pa.hooks.items()}
+    spectra = {h: r.lm.svd().S.float() for h, r in one.items()}
     sweep_data = None
     if sweep:
         t1 = time.perf_counter()
@@ -140,10 +98,24 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
         sweep_data = layer_sweep(model, tokens, pos, layers=layers, progress=progress)
         timings["sweep"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
+    ids, probs = pa.prediction.ids[0].tolist(), pa.prediction.probs[0].tolist()
+    prediction = [(display.str_tokens(model, torch.tensor([i]))[0], float(p))
+                  for i, p in zip(ids, probs, strict=True)][:5]
     dtype = str(model_dtype(model)).replace("torch.", "")
+    lmap = None if pa.logit_map is None else pa.logit_map.at(0)
     return Analysis(text if isinstance(text, str) else "".join(labels), model_name, tokens[0].cpu(),
-                    labels, pos % n, prediction, results, logit_map, attn, sweep_data, timings,
+                    labels, at[0], prediction, one, spectra, lmap, attn, sweep_data, timings,
                     dtype)
+
+
+def _decoded_tokens(r: HookAnalysis, side: str, n_tokens: int) -> list[list[str]] | None:
+    """Per source token, the first ``n_tokens`` tokens of the top singular vector's decoding
+    (``side`` "out": U, "in": V); None where that side is not decodable."""
+    d = r.decodings[0] if r.decodings else None
+    lists = None if d is None else (d.out if side == "out" else d.inp)
+    if not lists or all(not row or row[0] is None for row in lists):
+        return None
+    return [[] if not row or row[0] is None else row[0].tokens[:n_tokens] for row in lists]
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -161,14 +133,14 @@ def summary(a: Analysis, n_tokens: int = 5) -> dict:
              "relative_error_ordinary": (None if r.ordinary is None
                                          else relative_error(r.lm.act, r.ordinary)),
              "J_shape": list(r.lm.J.shape),
-             "stable_rank": [round(float(v), 3) for v in r.stable_rank],
+             "stable_rank": [round(float(v), 3) for v in r.decodings[0].stable_rank],
              "contribution_norm": [round(float(v), 4) for v in
                                    torch.linalg.vector_norm(r.lm.contributions(), dim=-1)],
              "decoded": {}}
-        for dec in r.decoded:
-            key = "U" if dec["label"].startswith("U") else "V"
-            d["decoded"][key] = [display.top_tokens(None, dec, i, 0, n_tokens)
-                                 for i in range(len(a.str_tokens))]
+        for key, side in (("U", "out"), ("V", "in")):
+            toks = _decoded_tokens(r, side, n_tokens)
+            if toks is not None:
+                d["decoded"][key] = toks
         out["hooks"][h] = d
     if a.logit_map is not None:
         c = a.logit_map.contributions()[:, 0]
@@ -276,13 +248,13 @@ def render_report(a: Analysis) -> str:
                          ("stable rank per token", ", ".join(f"{x:.2f}" for x in d["stable_rank"])),
                          ("constant origins", len(r.lm.constants))]))
         figs = [plots.reconstruction_scatter(r.lm, r.ordinary, title=f"Reconstruction at {h}"),
-                plots.singular_spectra(r.S, a.str_tokens)]
+                plots.singular_spectra(a.spectra[h], a.str_tokens)]
         body.append("<div class='figs'>" + "".join(plots.to_img_tag(f, h) for f in figs)
                     + "</div>")
         views.append(display.contribution_view(r.lm, a.str_tokens, ""))
         body.append("@@VIEW@@")
-        if r.decoded:
-            views.append(display.topk_view(r.decoded, title=""))
+        if r.decodings and (r.decodings[0].meta["out_space"] or r.decodings[0].meta["in_space"]):
+            views.append(display.decoding_view(r.decodings[0], title=""))
             body.append("<h3>Decoded singular vectors per input token</h3><p class='note'>"
                         "Choose the input token (first dimension) and the sample: U vectors "
                         "decoded through the final norm and the unembedding, V vectors by cosine "

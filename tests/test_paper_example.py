@@ -11,7 +11,7 @@ import torch
 import lin_lens
 from lin_lens.analyses import decompose
 from lin_lens.analyses.steering import steer, steering_operator
-from lin_lens.decode import decode
+from lin_lens.decoding import decode
 from tests import _real
 from tests._real import PROMPT, SMOLLM2, needs
 

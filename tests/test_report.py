@@ -97,7 +97,7 @@ def test_plots(result):
     assert any(t.startswith("ordinary") for t in labels)
     errs = [float(re.search(r"rel\. err\. ([0-9.e+-]+)", t).group(1)) for t in labels[:2]]
     assert errs[0] < 1e-12 and errs[1] > 1e-3
-    fig = plots.singular_spectra(r.S, result.str_tokens)
+    fig = plots.singular_spectra(result.spectra["ln_final.hook_normalized"], result.str_tokens)
     assert len(fig.axes[0].get_lines()) == len(result.str_tokens)
     sw = result.sweep
     fig = plots.stable_rank_curves(sw.stacked_stable_rank, sw.layers)

@@ -29,7 +29,7 @@ from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
-from lin_lens.decode import norm_params
+from lin_lens.decoding import norm_params
 from lin_lens.errors import (
     ArgumentTypeError,
     InvalidArgumentError,

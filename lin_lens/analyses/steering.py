@@ -45,7 +45,7 @@ from torch import Tensor
 from lin_lens._hooks import HookSet
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
-from lin_lens.decode import token_strings
+from lin_lens.decoding import token_strings
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.maps import linear_map, to_tokens
 

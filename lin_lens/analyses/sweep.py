@@ -10,7 +10,7 @@ Kinds of operator (all exact, all for the same target position):
 Per layer and kind we keep: the per-token and stacked stable ranks, the top-k singular values of the
 *focus* operator (``focus="stacked"``: ``[d_out, n_src·d_in]``, or a source-token index), its top-k
 singular vectors decoded to tokens (output side through the final norm and ``W_U``, input side by
-cosine with ``W_E``; see :mod:`lin_lens.decode`), and the absolute cosines of its top-2 left
+cosine with ``W_E``; see :mod:`lin_lens.decoding`), and the absolute cosines of its top-2 left
 (``proj_u``) and right (``proj_v``) singular vectors with those of the final layer's operator of the
 same kind (``attn_out`` / ``mlp_out`` are compared with the final ``resid_post``; transforms with
 the last layer's transform, whose input space differs per layer, so ``proj_v`` there is only a
@@ -29,7 +29,7 @@ from torch import Tensor
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import model_device, model_dtype
-from lin_lens.decode import TokenList, decode_vectors, token_strings
+from lin_lens.decoding import TokenList, decode_vectors, token_strings
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPositionError
 from lin_lens.maps import LinearMap, budget, layer_transforms, operators_at_hooks, to_tokens
 from lin_lens.maps.request import as_index, is_int_position, positions

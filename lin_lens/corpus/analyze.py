@@ -1,9 +1,10 @@
 """One prompt → its rows of the corpus table (see :mod:`lin_lens.corpus.schema`).
 
-Only lin_lens's public API is used: :func:`lin_lens.linear_map` for the operator and for the
-predicted logit (``direction=`` a one-hot), :func:`lin_lens.decode` / :func:`lin_lens.svd` for
-spectra and decoded singular vectors. A failure of any kind becomes a row with its status and
-message; only ``KeyboardInterrupt`` / ``SystemExit`` escape.
+The numbers come from :func:`lin_lens.analyses.prompt.analyze_prompt`, the same analysis the
+report shows: the map at the hook, the predicted logit's map (``direction=`` a one-hot),
+:func:`lin_lens.decode` for decoded singular vectors (or :func:`lin_lens.svd` for spectra alone)
+and the ordinary Jacobian's reconstruction. A failure of any kind becomes a row with its status
+and message; only ``KeyboardInterrupt`` / ``SystemExit`` escape.
 """
 
 from __future__ import annotations
@@ -12,21 +13,18 @@ import json
 import time
 from typing import Any
 
-import torch
-
 import lin_lens
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import is_bridge, model_dtype
+from lin_lens.analyses.prompt import analyze_prompt
 from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
-from lin_lens.decode import token_strings
+from lin_lens.decoding import Decoding, token_strings
 from lin_lens.errors import InvalidArgumentError
-from lin_lens.maps import ordinary_reconstruction
 from lin_lens.maps.request import positions
 
 ANALYSES = ("svd", "decode", "contributions", "ordinary")
 DEFAULT_ANALYSES = ("svd", "decode", "contributions")
-TOP_PREDICTIONS = 5
 
 
 def model_info(model: Any) -> dict[str, str]:
@@ -61,7 +59,7 @@ def check_hooks(model: Any, settings: dict[str, Any]) -> None:
 
 
 @exact_matmul()
-def analyze_prompt(model: Any, text: str, index: int, settings: dict[str, Any]) -> list[dict]:
+def prompt_rows(model: Any, text: str, index: int, settings: dict[str, Any]) -> list[dict]:
     """The rows of one prompt: one per target position, or one failure row."""
     t0 = time.perf_counter()
     base = {
@@ -92,49 +90,34 @@ def _rows(model: Any, text: str, s: dict[str, Any]) -> list[dict]:
     ids = tokens[0].tolist()
     n = len(ids)
     tgt = positions(s["pos"], n)
-    with torch.no_grad():
-        logits = model(tokens, return_type="logits")[0, tgt]  # [n_t, V]
-    probs = logits.double().softmax(-1)
-    top = probs.topk(min(TOP_PREDICTIONS, probs.shape[-1]))
-    pred = top.indices[:, 0]
-
-    lm = lin_lens.linear_map(model, tokens, s["hook"], tgt, source=s["source"], progress=False)
-    logit_map = None
-    if "contributions" in analyses:
-        onehot = torch.zeros_like(logits)
-        onehot[torch.arange(len(tgt), device=pred.device), pred] = 1
-        logit_map = lin_lens.linear_map(model, tokens, "logits", tgt, direction=onehot,
-                                        source=s["source"], progress=False)
-    ordinary = None
-    if "ordinary" in analyses:
-        try:
-            ordinary = ordinary_reconstruction(model, tokens, s["hook"], tgt)
-        except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
-            ordinary = lin_lens.linear_map(model, tokens, s["hook"], tgt, source=s["source"],
-                                           detach=False, check=False,
-                                           progress=False).reconstruct()
-
+    decoded = "decode" in analyses
+    pa = analyze_prompt(model, tokens, [s["hook"]], tgt, source=s["source"],
+                        with_ordinary="ordinary" in analyses, decoded=decoded,
+                        contributions="contributions" in analyses,
+                        k=max(s["k"], s["n_decode"]), top=s["top"], progress=False)
+    r = pa.hooks[s["hook"]]
+    top_ids, top_probs = pa.prediction.ids, pa.prediction.probs
     str_tokens = token_strings(model, ids, raw=True)
     rows = []
     for j, t in enumerate(tgt):
-        m = lm.at(j)
-        pid = int(pred[j])
+        m = r.lm.at(j)
+        pid = int(top_ids[j, 0])
         row: dict[str, Any] = {
             "target_pos": t, "n_tokens": n, "tokens": str_tokens, "token_ids": ids,
             "prediction": token_strings(model, [pid], raw=True)[0], "prediction_id": pid,
-            "probability": float(top.values[j, 0]),
-            "top_tokens": token_strings(model, top.indices[j].tolist(), raw=True),
-            "top_ids": top.indices[j].tolist(), "top_probs": top.values[j].tolist(),
+            "probability": float(top_probs[j, 0]),
+            "top_tokens": token_strings(model, top_ids[j].tolist(), raw=True),
+            "top_ids": top_ids[j].tolist(), "top_probs": top_probs[j].tolist(),
             "relative_error": float(m.relative_error), "status": "ok",
         }
-        if ordinary is not None:
-            row["relative_error_ordinary"] = relative_error(m.act.reshape(-1), ordinary[j])
-        if "decode" in analyses:
-            row.update(_decoded(model, m, s["k"], s["n_decode"], s["top"]))
+        if r.ordinary is not None:
+            row["relative_error_ordinary"] = relative_error(m.act.reshape(-1), r.ordinary[j])
+        if decoded:
+            row.update(_decoded(r.decodings[j], s["k"], s["n_decode"]))
         elif "svd" in analyses:
             row.update(_spectra(m, s["k"]))
-        if logit_map is not None:
-            c = logit_map.at(j)
+        if pa.logit_map is not None:
+            c = pa.logit_map.at(j)
             row["logit"] = float(c.act.reshape(-1)[0])
             row["contributions"] = c.contributions()[:, 0].double().tolist()
             row["contribution_constant"] = float(c.constant.reshape(-1)[0])
@@ -151,8 +134,7 @@ def _spectra(m: Any, k: int) -> dict:
             "stable_rank_stacked": float(st.stable_rank)}
 
 
-def _decoded(model: Any, m: Any, k: int, n_decode: int, top: int) -> dict:
-    d = lin_lens.decode(model, m, k=max(k, n_decode), top=top, n_rows=0)
+def _decoded(d: Decoding, k: int, n_decode: int) -> dict:
 
     def lists(tls: list, attr: str) -> list | None:
         if not tls or tls[0] is None:

@@ -46,7 +46,7 @@ from lin_lens.analyses.decompose import (
     writes,
 )
 from lin_lens.corpus.batched import _direction, _scrub_hooks, _targets, pad_batch
-from lin_lens.decode import norm_params
+from lin_lens.decoding import norm_params
 from lin_lens.errors import NotExactError
 from lin_lens.freeze import detached
 from lin_lens.maps import default_tolerance

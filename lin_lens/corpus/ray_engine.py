@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lin_lens.corpus.analyze import analyze_prompt, check_hooks
+from lin_lens.corpus.analyze import check_hooks, prompt_rows
 from lin_lens.corpus.spec import LoadSpec
 from lin_lens.corpus.store import Store
 from lin_lens.errors import ModelNotAvailableError
@@ -45,7 +45,7 @@ class CorpusWorker:
     def process(self, batch: list[tuple[int, str]]) -> list[str]:
         rows: list[dict] = []
         for index, text in batch:
-            rows.extend(analyze_prompt(self.model, text, index, self.settings))
+            rows.extend(prompt_rows(self.model, text, index, self.settings))
         self.store.write_shard(rows)
         self._maybe_die()
         return sorted({r["prompt_id"] for r in rows})

@@ -15,10 +15,10 @@ import torch
 import lin_lens
 from lin_lens.corpus.analyze import (
     DEFAULT_ANALYSES,
-    analyze_prompt,
     check_analyses,
     check_hooks,
     model_info,
+    prompt_rows,
 )
 from lin_lens.corpus.prompts import load_prompts
 from lin_lens.corpus.schema import RESULT_SETTINGS, SCHEMA_VERSION, prompt_id
@@ -172,7 +172,7 @@ def _run_local(model: Any, todo: list[tuple[int, str]], settings: dict, store: S
     bar = progress_bar(len(todo), "lin-lens corpus", progress, unit="prompt")
     try:
         for index, text in todo:
-            buf.extend(analyze_prompt(model, text, index, settings))
+            buf.extend(prompt_rows(model, text, index, settings))
             n_buf += 1
             bar.update()
             if n_buf >= shard_size or time.monotonic() - last >= flush_seconds:

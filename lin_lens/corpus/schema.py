@@ -58,7 +58,7 @@ Column — type — meaning:
 
 Decoded token strings (``u_*``/``v_*``) are shown as :func:`lin_lens.decode` shows them
 (space → ``·``, newline → ``↵``); their ids give the raw strings. Sign convention of singular
-vectors: :mod:`lin_lens.decode` (each pair oriented so that ``v·x ≥ 0``).
+vectors: :mod:`lin_lens.decoding` (each pair oriented so that ``v·x ≥ 0``).
 """
 
 from __future__ import annotations

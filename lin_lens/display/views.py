@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lin_lens._numeric import to_numpy as _np
 from lin_lens._tl import model_device
-from lin_lens.decode import token_strings, vocab_scores
+from lin_lens.decoding import Decoding, token_strings
 
 _CALL = re.compile(r'<div id="(circuits-vis-[^"]+)"')
 
@@ -188,26 +188,26 @@ def attention_view(model: Any, tokens: Tensor, layers: Sequence[int] | None = No
     return View(panels, "Frozen attention patterns")
 
 
-def decode_svd(model: Any, U: Tensor, V: Tensor, first_labels: Sequence[str], k: int = 8,
-               vocab_k: int = 10) -> list[dict]:
-    """Decode the top-``k`` singular vectors (U: [n, d_out, r], V: [n, d_in, r]) to tokens with
-    :func:`lin_lens.decode.vocab_scores`: U through the final norm and the unembedding, V by cosine
-    similarity with ``W_E``. Only the union of the top/bottom-``vocab_k`` tokens of every vector
-    is kept, so the tables stay small. Vectors outside the residual space are skipped."""
-    d_model = model.cfg.d_model
-    out = []
-    if U is not None and U.shape[-2] == d_model:
-        s = torch.stack([vocab_scores(model, u[:, :k], "out").T for u in U])  # [n, k, V]
-        out.append(_restrict(model, s, "U → next tokens (through W_U)", first_labels, vocab_k))
-    if V is not None and V.shape[-2] == d_model:
-        s = torch.stack([vocab_scores(model, v[:, :k], "in").T for v in V])
-        out.append(_restrict(model, s, "V → input tokens (cosine with W_E)", first_labels, vocab_k))
-    return out
+def decoding_view(d: Decoding, title: str = "Decoded singular vectors",
+                  max_k: int = 10) -> View:
+    """The decoded singular vectors of a :class:`lin_lens.decoding.Decoding` (from
+    :func:`lin_lens.decode`) as one CircuitsVis top-k table: choose the source token (first
+    dimension) and the sample (U → next tokens through the final norm and W_U, V → input
+    tokens by cosine with W_E); columns are the singular vectors."""
+    samples = []
+    for lists, label in ((d.out, "U → next tokens (through W_U)"),
+                         (d.inp, "V → input tokens (cosine with W_E)")):
+        if lists and any(t is not None for row in lists for t in row):
+            samples.append(from_token_lists(lists, label, d.tokens))
+    if not samples:
+        raise ValueError(f"nothing to show: neither side of the map at {d.hook!r} lives in the "
+                         "residual stream or the vocabulary")
+    return topk_view(samples, title=title, max_k=max_k)
 
 
 def from_token_lists(lists: Sequence[Sequence[Any]], label: str, first_labels: Sequence[str]
                      ) -> dict:
-    """A :func:`topk_view` sample from :class:`lin_lens.decode.TokenList` s
+    """A :func:`topk_view` sample from :class:`lin_lens.decoding.TokenList` s
     (``lists[first][vector]``, None
     where not decodable): tokens outside a vector's lists get a score between its two ends, so
     the table shows exactly the listed top and bottom tokens (use ``max_k`` = list length)."""
@@ -227,20 +227,3 @@ def from_token_lists(lists: Sequence[Sequence[Any]], label: str, first_labels: S
                 scores[i, j, vocab[s]] = v
     return {"label": label, "scores": scores, "vocab": list(vocab) or [""],
             "first_labels": list(first_labels)}
-
-
-def _restrict(model, scores: Tensor, label: str, first_labels, vocab_k: int) -> dict:
-    scores = scores.detach().float().cpu()
-    flat = scores.reshape(-1, scores.shape[-1])
-    kk = min(vocab_k, flat.shape[-1])
-    ids = torch.cat([flat.topk(kk, -1).indices, (-flat).topk(kk, -1).indices]).unique()
-    return {"label": label, "scores": scores[..., ids], "ids": ids,
-            "vocab": str_tokens(model, ids), "first_labels": list(first_labels)}
-
-
-def top_tokens(model: Any, decoded: dict, first: int = -1, vec: int = 0, k: int = 5,
-               sign: int = 1) -> list[str]:
-    """The ``k`` tokens with the highest (``sign=-1``: lowest) score for one singular vector."""
-    s = decoded["scores"][first, vec] * sign
-    idx = s.topk(min(k, s.numel())).indices
-    return [decoded["vocab"][i] for i in idx.tolist()]

@@ -284,24 +284,20 @@ def _assemble(model, att: Attributor, tokens: Tensor, strs: list[str], prompt: A
               "dtype": str(att.T.dtype).replace("torch.", "")})
 
 
+_LABELS = {"embed": "emb@{pos} {tok!r}", "pos_embed": "pos@{pos}", "head": "L{layer}H{index}@{pos}",
+           "attn": "L{layer}.attn@{pos}", "neuron": "L{layer}N{index}@{pos}",
+           "mlp": "L{layer}.mlp@{pos}"}
+
+
 def _label(kind: str, layer: int, pos: int, index: int, strs: list[str], target_labels: list[str],
            bias_names: list[str]) -> str:
-    if kind == "embed":
-        return f"emb@{pos} {strs[pos]!r}"
-    if kind == "pos_embed":
-        return f"pos@{pos}"
     if kind == "bias":
         return bias_names[index]
-    if kind == "head":
-        return f"L{layer}H{index}@{pos}"
-    if kind == "attn":
-        return f"L{layer}.attn@{pos}"
-    if kind == "neuron":
-        return f"L{layer}N{index}@{pos}"
-    if kind == "mlp":
-        return f"L{layer}.mlp@{pos}"
-    return f"logit {target_labels[index]!r}" if not target_labels[index].startswith(
-        "direction") else target_labels[index]
+    if kind == "target":
+        t = target_labels[index]
+        return t if t.startswith("direction") else f"logit {t!r}"
+    return _LABELS[kind].format(pos=pos, layer=layer, index=index,
+                                tok=strs[pos] if kind == "embed" else None)
 
 
 def _model_name(model: Any) -> str:

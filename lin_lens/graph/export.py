@@ -56,21 +56,15 @@ def _ctx(graph: Any, i: int) -> int:
     return p if p >= 0 else int(graph.target["pos"])
 
 
+_CLERPS = {"head": "head L{layer}.H{index}", "neuron": "neuron L{layer}.N{index}",
+           "attn": "attention L{layer}", "mlp": "MLP L{layer}",
+           "bias": "bias {label} (every position)", "pos_embed": "Pos: position {pos}"}
+
+
 def _clerp(graph: Any, i: int, kind: str) -> str:
-    layer, index = int(graph.layer[i]), int(graph.index[i])
-    if kind == "head":
-        return f"head L{layer}.H{index}"
-    if kind == "neuron":
-        return f"neuron L{layer}.N{index}"
-    if kind == "attn":
-        return f"attention L{layer}"
-    if kind == "mlp":
-        return f"MLP L{layer}"
-    if kind == "bias":
-        return f"bias {graph.labels[i]} (every position)"
-    if kind == "pos_embed":
-        return f"Pos: position {int(graph.pos[i])}"
-    return ""
+    fmt = _CLERPS.get(kind)
+    return "" if fmt is None else fmt.format(layer=int(graph.layer[i]), index=int(graph.index[i]),
+                                             pos=int(graph.pos[i]), label=graph.labels[i])
 
 
 def to_json(graph: Any, slug: str | None = None, scan: str | None = None,

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lin_lens import decode as _decode
+from lin_lens import decoding as _decode
 from lin_lens import spectrum
 from lin_lens._html import table
 from lin_lens._numeric import relative_error

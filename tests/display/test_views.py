@@ -9,8 +9,9 @@ import circuitsvis as cv
 import pytest
 import torch
 
+import lin_lens
 from lin_lens import display, linear_map
-from lin_lens.decode import TokenList, output_logit_directions
+from lin_lens.decoding import TokenList, output_logit_directions
 from lin_lens.spectrum import svd
 from tests.conftest import tiny
 
@@ -84,20 +85,18 @@ def test_norm_contributions(model):
     assert torch.allclose(torch.tensor(vals, dtype=want.dtype), want.cpu())
 
 
-def test_decode_svd_keeps_global_topk(model):
+def test_decoding_view_shows_the_decoded_lists(model):
     lm = linear_map(model, TEXT, "ln_final.hook_normalized")
-    d = svd(lm)
-    labels = display.str_tokens(model, lm.tokens)
-    dec = display.decode_svd(model, d.U, d.Vh.transpose(-1, -2), labels, k=3, vocab_k=4)
-    assert [x["label"][0] for x in dec] == ["U", "V"]
-    full = output_logit_directions(model, d.U[2][:, :3]).T  # [3, V]
-    for j in range(3):
-        want = set(full[j].topk(4).indices.tolist())
-        got = set(dec[0]["ids"][dec[0]["scores"][2, j].topk(4).indices].tolist())
-        assert got == want
-    v = display.topk_view(dec)
+    d = lin_lens.decode(model, lm, k=3, top=4, n_rows=0)
+    v = display.decoding_view(d)
     p = _props(v.panels[0][1][1])
-    assert p["firstDimensionLabels"] == labels and len(p["tokens"]) == 2
+    assert p["firstDimensionLabels"] == d.tokens and len(p["tokens"]) == 2
+    # the table's top tokens of U₁ at the last source token are decode's own list
+    sample = display.from_token_lists(d.out, "U", d.tokens)
+    sc = sample["scores"][-1, 0]
+    assert [sample["vocab"][k] for k in sc.topk(4).indices] == d.out[-1][0].tokens
+    full = output_logit_directions(model, d_u := svd(lm).U[-1][:, :1]).T[0]
+    assert set(d.out[-1][0].ids) == set(full.topk(4).indices.tolist()) and d_u.shape[1] == 1
 
 
 def test_from_token_lists_shows_exactly_the_lists():

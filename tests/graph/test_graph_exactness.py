@@ -121,7 +121,8 @@ def test_model_left_as_it_was(backend, arch):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"pos": 7}, "position 7 out of range"), ({"pos": 1.5}, "pos"), ({"nodes": ("heads", "layers")}, "nodes"),
+    ({"pos": 7}, "position 7 out of range"), ({"pos": 1.5}, "pos"),
+    ({"nodes": ("heads", "layers")}, "nodes"),
     ({"node_threshold": 1.5}, "node_threshold"), ({"target": [3, 99]}, "target"),
     ({"target": [3, 3]}, "distinct"), ({"hook": "blocks.0.attn.hook_pattern",
                                         "target": torch.ones(3)}, "hook_pattern"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lin_lens
-from lin_lens.decode import (
+from lin_lens.decoding import (
     contributions,
     decode,
     decode_vectors,
