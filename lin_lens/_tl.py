@@ -60,6 +60,22 @@ def tl_loading() -> Any:
     return loading_from_pretrained
 
 
+def official_model_name(name: str) -> str | None:
+    """TransformerLens's official (Hugging Face) name for a model name or alias
+    (``"gpt2-small"`` → ``"gpt2"``), or None for a name TransformerLens does not list."""
+    try:
+        from transformer_lens.supported_models import get_official_model_name  # 4.x
+    except ImportError:
+        try:
+            from transformer_lens.loading_from_pretrained import get_official_model_name
+        except ImportError:  # pragma: no cover - neither layout
+            return None
+    try:
+        return str(get_official_model_name(name))
+    except ValueError:
+        return None
+
+
 def plain_attention_bridge() -> type | None:
     """The Bridge's plain ``AttentionBridge`` (runs Hugging Face's attention and fires
     ``hook_pattern`` after the fact), or None without a Bridge."""

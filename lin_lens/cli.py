@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODELS = ("smollm2-135m", "gemma3-270m", "tiny-gpt2")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-BACKENDS = ("hooked", "bridge")
+from lin_lens.models import BACKENDS, DTYPES, NAME_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "vectors, and write an offline HTML report.",
     )
     a.add_argument("text", help="the prompt")
-    a.add_argument("--model", default="smollm2-135m", choices=MODELS,
-                   help="model (default: the embedded SmolLM2-135M; tiny-gpt2 is a tiny random "
-                        "GPT-2-style model for quick checks)")
+    a.add_argument("--model", default="smollm2-135m", help="model: " + NAME_HELP)
     a.add_argument("--hook", action="append", dest="hooks", metavar="NAME",
                    help="target hook (repeatable; default ln_final.hook_normalized)")
     a.add_argument("--pos", type=int, default=-1, help="target position (default -1, the last)")
@@ -71,22 +67,10 @@ def _layers(arg: str | None, what: str, parser: argparse.ArgumentParser) -> Any:
 
 
 def load(name: str, dtype: str, backend: str | None) -> Any:
-    """A model by CLI name; the real ones through :mod:`lin_lens.models` (offline)."""
-    import torch
+    """A model by name or path, as :func:`lin_lens.load_model` takes it (offline by default)."""
+    from lin_lens.models import LoadSpec
 
-    dt = getattr(torch, dtype)
-    if name == "tiny-gpt2":
-        from lin_lens._tl import HAS_HOOKED
-        from lin_lens.testing import tiny_bridge, tiny_model, tiny_tokenizer
-
-        if backend == "bridge" or (backend is None and not HAS_HOOKED):
-            return tiny_bridge("gpt2", dtype=dt)
-        model = tiny_model("gpt2", dtype=dt, d_vocab=50)
-        model.set_tokenizer(tiny_tokenizer(50), default_padding_side="right")
-        return model
-    from lin_lens.models import load_model
-
-    return load_model(name, dtype=dt, backend=backend)
+    return LoadSpec(name, dtype, backend).load()
 
 
 def _lin_lens_errors() -> tuple[type[BaseException], ...]:
@@ -146,8 +130,17 @@ def _run(args: argparse.Namespace, sweep, attn, log) -> dict:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
+def _offline_by_default() -> None:
+    """No network at run time unless the user says so: ``HF_HUB_OFFLINE=1`` unless set, also in
+    huggingface_hub if ``import lin_lens`` already imported it (it reads the variable once)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and os.environ["HF_HUB_OFFLINE"].strip().lower() not in ("", "0", "false"):
+        hub.HF_HUB_OFFLINE = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_by_default()
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "corpus_command"):

@@ -148,6 +148,24 @@ def _hf_config(arch: str, d_vocab: int):
     raise InvalidArgumentError(f"unknown bridge arch {arch!r}; choose from {BRIDGE_ARCHS}")
 
 
+def save_tiny_hf(arch: str, path: str | os.PathLike, *, seed: int = 0, d_vocab: int = 50,
+                 dtype: torch.dtype = torch.float32) -> str:
+    """Save a tiny random Hugging Face model of family ``arch`` (see ``BRIDGE_ARCHS``) and its
+    word-level tokenizer to the folder ``path`` with ``save_pretrained``: a local model folder
+    that :func:`lin_lens.load_model` (and TransformerLens) load by path, offline. Returns the
+    path."""
+    import transformers as tf
+
+    cfg = _hf_config(arch, d_vocab)
+    cfg.architectures = [tf.AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    torch.manual_seed(seed)
+    hf = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    _randomize_hf(hf, seed)
+    hf.save_pretrained(str(path))
+    tiny_tokenizer(d_vocab).save_pretrained(str(path))
+    return str(path)
+
+
 def tiny_bridge(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0,
                 d_vocab: int = 50, device: str | torch.device = "cpu"):
     """A tiny random ``TransformerBridge`` built offline from a Hugging Face config, on

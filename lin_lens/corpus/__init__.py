@@ -17,9 +17,9 @@ from lin_lens.corpus.batched_decompose import BatchedDecomposition, batched_deco
 from lin_lens.corpus.prompts import load_prompts, phrases
 from lin_lens.corpus.run import run
 from lin_lens.corpus.schema import SCHEMA, SCHEMA_VERSION, prompt_id
-from lin_lens.corpus.spec import LoadSpec
 from lin_lens.corpus.store import read
 from lin_lens.corpus.views import compare, stable_rank_plot
+from lin_lens.models import LoadSpec
 
 __all__ = [
     "SCHEMA",

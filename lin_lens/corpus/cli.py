@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lin_lens.corpus.spec import BACKENDS, DTYPES
 from lin_lens.errors import LinLensError
+from lin_lens.models import BACKENDS, DTYPES, NAME_HELP
 
-MODELS_HELP = ("smollm2-135m (default), gemma3-270m, or tiny-<arch> (a tiny random model for "
-               "quick checks, e.g. tiny-gpt2)")
 ERRORS = (LinLensError, ValueError, IndexError, TypeError, ImportError, FileNotFoundError,
           FileExistsError)
 
@@ -38,7 +36,7 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("prompts", help="a .txt (one per line), .jsonl (--field) or .parquet "
                                    "(--field) file, or 'phrases' for the 100 shipped phrases")
     c.add_argument("--out", required=True, help="output directory or pyarrow URI (s3://…)")
-    c.add_argument("--model", default="smollm2-135m", help=MODELS_HELP)
+    c.add_argument("--model", default="smollm2-135m", help="model: " + NAME_HELP)
     c.add_argument("--dtype", default="float32", choices=DTYPES)
     c.add_argument("--backend", default=None, choices=BACKENDS)
     c.add_argument("--field", default="text", help="JSONL field / Parquet column (default text)")

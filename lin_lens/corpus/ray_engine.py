@@ -17,9 +17,9 @@ import os
 from typing import Any
 
 from lin_lens.corpus.analyze import check_hooks, prompt_rows
-from lin_lens.corpus.spec import LoadSpec
 from lin_lens.corpus.store import Store
 from lin_lens.errors import ModelNotAvailableError
+from lin_lens.models import LoadSpec
 from lin_lens.progress import progress_bar
 
 # Test hook: "exit_once:PATH" makes the first worker to finish a batch exit hard (os._exit) after

@@ -22,8 +22,8 @@ from lin_lens.corpus.analyze import (
 )
 from lin_lens.corpus.prompts import load_prompts
 from lin_lens.corpus.schema import RESULT_SETTINGS, SCHEMA_VERSION, prompt_id
-from lin_lens.corpus.spec import as_spec
 from lin_lens.corpus.store import Store
+from lin_lens.models import as_spec
 from lin_lens.progress import progress_bar
 
 ENGINES = ("local", "ray")

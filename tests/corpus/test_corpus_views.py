@@ -132,7 +132,7 @@ def test_cli_corpus_and_compare(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, msg", [
     (["corpus", "missing.txt", "--out", "x", "--model", "tiny-gpt2"], "does not exist"),
-    (["corpus", "phrases", "--out", "x", "--model", "tiny-nope"], "arch 'nope'"),
+    (["corpus", "phrases", "--out", "x", "--model", "tiny-nope"], "family 'nope'"),
     (["compare", "nowhere"], "no lin_lens corpus run"),
 ])
 def test_cli_errors_are_one_line(argv, msg, tmp_path, capsys, monkeypatch):

