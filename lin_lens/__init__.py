@@ -3,12 +3,20 @@
 The pipeline, one subpackage per step: :mod:`~lin_lens.freeze` (detached mode) →
 :mod:`~lin_lens.maps` (exact operators: request, engines, :class:`LinearMap`) →
 :mod:`~lin_lens.spectrum` / :mod:`~lin_lens.decoding` (SVD, stable rank, vectors to tokens) →
-:mod:`~lin_lens.analyses` (heads, decomposition, layer sweep, steering) →
-:mod:`~lin_lens.display` / :mod:`~lin_lens.report` / :mod:`~lin_lens.cli`. Models come from
-:mod:`~lin_lens.models` (real, offline) and :mod:`~lin_lens.testing` (tiny, random).
+:mod:`~lin_lens.analyses` (heads, decomposition, layer sweep, steering) and
+:mod:`~lin_lens.graph` (attribution graphs) → :mod:`~lin_lens.display` / :mod:`~lin_lens.report`
+/ :mod:`~lin_lens.cli`. Models come from :mod:`~lin_lens.models` (any name, offline) and
+:mod:`~lin_lens.testing` (tiny, random); populations from :mod:`~lin_lens.corpus`.
+
+Everything a user calls or receives is importable from here: the functions, the result types
+and every error lin_lens raises.
 """
 
 from lin_lens.analyses import (
+    Decomposition,
+    LayerSweep,
+    SteeringOperator,
+    SteeringResult,
     decompose,
     head_operators,
     layer_sweep,
@@ -16,18 +24,25 @@ from lin_lens.analyses import (
     steering_hooks,
     steering_operator,
 )
-from lin_lens.decoding import decode, top_singular_tokens
+from lin_lens.decoding import Contributions, Decoding, TokenList, decode, top_singular_tokens
 from lin_lens.errors import (
+    ArgumentTypeError,
+    FileFormatError,
     InvalidArgumentError,
+    InvalidPositionError,
     LinLensError,
     MemoryBudgetError,
+    MissingFileError,
+    ModelNotAvailableError,
     NotExactError,
     NotLinearError,
+    OutputExistsError,
     UnknownHookError,
+    UnknownNodeError,
     UnsupportedFeatureError,
 )
 from lin_lens.freeze import detached, is_detached, reset
-from lin_lens.graph import AttributionGraph, attribution_graph
+from lin_lens.graph import Ablation, AttributionGraph, ablate, attribution_graph
 from lin_lens.maps import (
     LinearMap,
     TopSingular,
@@ -38,20 +53,41 @@ from lin_lens.maps import (
     to_tokens,
     top_singular,
 )
-from lin_lens.models import load_hf, load_model
-from lin_lens.spectrum import stable_rank, svd
+from lin_lens.models import LoadSpec, load_hf, load_model
+from lin_lens.spectrum import SVD, stable_rank, svd
 
 __all__ = [
+    # results
+    "SVD",
+    "Ablation",
     "AttributionGraph",
-    "InvalidArgumentError",
-    "LinLensError",
+    "Contributions",
+    "Decoding",
+    "Decomposition",
+    "LayerSweep",
     "LinearMap",
+    "LoadSpec",
+    "SteeringOperator",
+    "SteeringResult",
+    "TokenList",
+    "TopSingular",
+    # errors
+    "ArgumentTypeError",
+    "FileFormatError",
+    "InvalidArgumentError",
+    "InvalidPositionError",
+    "LinLensError",
     "MemoryBudgetError",
+    "MissingFileError",
+    "ModelNotAvailableError",
     "NotExactError",
     "NotLinearError",
-    "TopSingular",
+    "OutputExistsError",
     "UnknownHookError",
+    "UnknownNodeError",
     "UnsupportedFeatureError",
+    # functions
+    "ablate",
     "attribution_graph",
     "decode",
     "decompose",

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lin_lens import spectrum
 from lin_lens._html import table
+from lin_lens.errors import InvalidArgumentError
 
 # -- token strings ---------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ def vocab_scores(model: Any, vectors: Float[Tensor, "d n"], space: str, *,
         return output_logit_directions(model, vectors, through_norm=through_norm)
     if space == "in":
         return input_similarities(model, vectors)
-    raise ValueError(f"space must be 'vocab', 'out' or 'in', got {space!r}")
+    raise InvalidArgumentError(f"space must be 'vocab', 'out' or 'in', got {space!r}")
 
 
 def decode_vectors(model: Any, vectors: Float[Tensor, "d n"], space: str, top: int = 5, *,
@@ -183,7 +184,8 @@ def contributions(lm: Any) -> Contributions:
     """Norms, shares and signed shares of ``J_i x_i`` for a single-target map."""
     c = lm.contributions()
     if c.ndim != 2:
-        raise ValueError("contributions() needs a single-target map (int pos or lm.at(k))")
+        raise InvalidArgumentError(
+            "contributions() needs a single-target map (int pos or lm.at(k))")
     norm = c.norm(dim=-1)
     act = lm.act.reshape(-1)
     a2 = act.dot(act).clamp_min(torch.finfo(act.dtype).tiny)

@@ -70,6 +70,19 @@ class MemoryBudgetError(LinLensError, MemoryError):
     """The computation would not fit the memory budget; the message says what would."""
 
 
+class FileFormatError(InvalidArgumentError):
+    """A file lin_lens reads is not what it should be (not UTF-8, a malformed JSON line, a
+    corpus run of another schema); the message names the file, the line and the cause."""
+
+
+class MissingFileError(LinLensError, FileNotFoundError):
+    """A file or a corpus run that lin_lens was asked to read does not exist."""
+
+
+class OutputExistsError(LinLensError, FileExistsError):
+    """An output location already holds results that lin_lens would not overwrite."""
+
+
 class ModelNotAvailableError(LinLensError, ImportError):
     """A package lin_lens needs is missing: the one that ships a model's weights, the class a
     backend needs, or an optional extra (e.g. Ray)."""

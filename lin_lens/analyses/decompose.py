@@ -157,7 +157,7 @@ def _post_norm(block: Any, cache: Any, layer: int, which: str, at: tuple):
     """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise; its
     scale read at ``cache[...][at]`` (``at = (0, t)``, or ``(rows, targets)`` for a batch)."""
     ln = getattr(block, f"{which}_post", None)
-    if ln is None:
+    if ln is None or not hasattr(ln, "hook_scale"):  # none, or an Identity (no normalization)
         return lambda v: v
     scale = cache[f"blocks.{layer}.{which}_post.hook_scale"][at]
     w, _ = norm_params(ln)

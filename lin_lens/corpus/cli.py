@@ -96,12 +96,12 @@ def corpus_cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         spec = corpus.LoadSpec(args.model, args.dtype, args.backend)
         model = spec if args.engine == "ray" else spec.load()
         t_load = time.perf_counter() - t0
-        path = corpus.run(model, args.prompts, args.out, analyses=analyses, hook=args.hook,
-                          pos=pos, k=args.k, engine=args.engine, workers=args.workers,
-                          resume=not args.no_resume, progress=not args.no_progress,
-                          field=args.field, shard_size=args.shard_size,
-                          batch_size=args.batch_size, address=args.address,
-                          threads=args.threads)
+        rows = corpus.Rows(hook=args.hook, pos=pos, analyses=tuple(analyses), k=args.k)
+        execution = corpus.Execution(
+            engine=args.engine, workers=args.workers, resume=not args.no_resume,
+            progress=not args.no_progress, shard_size=args.shard_size,
+            batch_size=args.batch_size, address=args.address, threads=args.threads)
+        path = corpus.run(model, args.prompts, args.out, rows, execution, field=args.field)
         t = corpus.read(path, columns=["status"])
     except _errors() as e:
         return _fail(e)

@@ -9,7 +9,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
+from lin_lens.errors import (
+    ArgumentTypeError,
+    FileFormatError,
+    InvalidArgumentError,
+    MissingFileError,
+)
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -37,26 +42,44 @@ def load_prompts(prompts: str | Path | Iterable[str], field: str = "text") -> li
     return out
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise FileFormatError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                              "save the prompts as UTF-8") from None
+    except IsADirectoryError:
+        raise InvalidArgumentError(f"prompts file {str(path)!r} is a directory") from None
+
+
 def _from_file(path: Path, field: str) -> list[str]:
     if not path.exists():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+        raise MissingFileError(f"prompts file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        out = [ln.rstrip("\r\n") for ln in path.read_text(encoding="utf-8").splitlines()]
+        out = [ln.rstrip("\r\n") for ln in _read_text(path).splitlines()]
         out = [ln for ln in out if ln.strip()]
     elif suffix == ".jsonl":
         out = []
-        for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, ln in enumerate(_read_text(path).splitlines(), 1):
             if not ln.strip():
                 continue
-            obj = json.loads(ln)
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise FileFormatError(f"{path}:{i}: not a JSON line ({e.msg} at column "
+                                      f"{e.colno})") from None
             if not isinstance(obj, dict) or field not in obj:
                 raise InvalidArgumentError(f"{path}:{i}: no field {field!r} (pass field=...)")
             out.append(_text(obj[field], f"{path}:{i}"))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise FileFormatError(f"{path}: not a readable Parquet file ({e})") from None
         if field not in table.column_names:
             raise InvalidArgumentError(
                 f"{path}: no column {field!r}; columns: {table.column_names}")

@@ -63,11 +63,13 @@ class CorpusWorker:
         os._exit(1)
 
 
-def run_ray(spec: LoadSpec, todo: list[tuple[int, str]], settings: dict, out: str, *,
-            workers: int | None, batch_size: int, address: str | None,
-            progress: bool | None, threads: int | None) -> None:
-    """Process ``todo`` on a Ray cluster (joined at ``address``, or a local one started and
-    shut down here)."""
+def run_ray(spec: LoadSpec, todo: list[tuple[int, str]], settings: dict, out: str,
+            execution: Any) -> None:
+    """Process ``todo`` on a Ray cluster (joined at ``execution.address``, or a local one
+    started and shut down here); ``execution`` is the run's
+    :class:`~lin_lens.corpus.run.Execution`."""
+    workers, batch_size, address = execution.workers, execution.batch_size, execution.address
+    progress, threads = execution.progress, execution.threads
     try:
         import ray
         from ray.util import ActorPool

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lin_lens.corpus.schema import MANIFEST, SCHEMA, SCHEMA_VERSION, SHARDS, to_table
+from lin_lens.errors import FileFormatError, InvalidArgumentError, MissingFileError
 
 
 class Store:
@@ -35,6 +36,9 @@ class Store:
             self.uri = self.root
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.shards = f"{self.root}/{SHARDS}"
+        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            raise InvalidArgumentError(
+                f"{self.uri!r} is a file; a corpus run is a directory (choose another path)")
 
     # -- manifest ---------------------------------------------------------------------------
     def read_manifest(self) -> dict | None:
@@ -108,7 +112,7 @@ class Store:
     def read(self, columns: list[str] | None = None) -> pa.Table:
         files = self.shard_files()
         if not files and self.read_manifest() is None:
-            raise FileNotFoundError(f"no lin_lens corpus run at {self.uri!r}")
+            raise MissingFileError(f"no lin_lens corpus run at {self.uri!r}")
         cols = None if columns is None else list(dict.fromkeys(
             ["prompt_id", "prompt_index", "target_pos", *columns]))
         parts, seen = [], set()
@@ -116,7 +120,7 @@ class Store:
             t = pq.read_table(path, columns=cols, filesystem=self.fs)
             version = (t.schema.metadata or {}).get(b"lin_lens.schema_version", b"?").decode()
             if version != str(SCHEMA_VERSION):
-                raise ValueError(f"{path}: schema version {version}, this lin_lens reads "
+                raise FileFormatError(f"{path}: schema version {version}, this lin_lens reads "
                                  f"{SCHEMA_VERSION}")
             # a prompt is always written whole into one shard; keep its first shard only
             if seen:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from lin_lens.corpus.store import read
+from lin_lens.errors import InvalidArgumentError
 
 Run = Any  # a run directory / URI, or a table from :func:`lin_lens.corpus.read`
 
@@ -40,7 +41,7 @@ def _runs(runs: Sequence[Run] | Mapping[str, Run] | Run,
     if labels is None:
         labels = [_label(t, r) for t, r in zip(tables, runs, strict=True)]
     if len(labels) != len(tables):
-        raise ValueError(f"labels: {len(labels)} given for {len(tables)} runs")
+        raise InvalidArgumentError(f"labels: {len(labels)} given for {len(tables)} runs")
     seen: dict[str, int] = {}
     unique = []
     for label in labels:  # two runs of one model (other hooks, say) keep apart
@@ -183,7 +184,7 @@ def compare(*runs: Run, out: str | os.PathLike = "compare.html",
     predicted token in its top 5, error distribution), the distribution plots as PNGs, and
     each prompt's decoded U₀/U₁/U₂ side by side (prompts joined on their text)."""
     if not runs:
-        raise ValueError("compare: give at least one run")
+        raise InvalidArgumentError("compare: give at least one run")
     named = _runs(list(runs), labels)
     sums = [(label, summary(t)) for label, t in named]
     parts = [f"<h1>{html.escape(title)}</h1>"]

@@ -22,6 +22,7 @@ from torch import Tensor
 from lin_lens._numeric import to_numpy as _np
 from lin_lens._tl import model_device
 from lin_lens.decoding import Decoding, token_strings
+from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 
 _CALL = re.compile(r'<div id="(circuits-vis-[^"]+)"')
 
@@ -42,7 +43,8 @@ def split_render(rendered: Any) -> tuple[str, str]:
     start = src.rfind("CircuitsVis.render(")
     end = src.rfind("</script>")
     if m is None or start < 0 or end < start:
-        raise ValueError("unrecognised CircuitsVis output (was circuitsvis upgraded?)")
+        raise UnsupportedFeatureError("unrecognised CircuitsVis output (was circuitsvis upgraded "
+                                      "beyond what lin_lens knows?)")
     # "</" inside the JSON props (a token such as "</s>") would close the script element early
     call = src[start:end].strip().replace("</", "<\\/")
     return m.group(1), call
@@ -200,8 +202,8 @@ def decoding_view(d: Decoding, title: str = "Decoded singular vectors",
         if lists and any(t is not None for row in lists for t in row):
             samples.append(from_token_lists(lists, label, d.tokens))
     if not samples:
-        raise ValueError(f"nothing to show: neither side of the map at {d.hook!r} lives in the "
-                         "residual stream or the vocabulary")
+        raise InvalidArgumentError(f"nothing to show: neither side of the map at {d.hook!r} "
+                                   "lives in the residual stream or the vocabulary")
     return topk_view(samples, title=title, max_k=max_k)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -117,17 +118,30 @@ def attribution_graph(
                            row_top_k, progress)
         else:
             part = _full(att, batch_size, progress)
-    rows_done = part.pop("rows")
-    graph = _assemble(model, att, tokens, strs, prompt, **part)
+    graph = _assemble(model, att, tokens, strs, prompt, part)
     graph.meta.update(
         prune=prune, node_threshold=node_threshold, edge_threshold=edge_threshold,
         max_nodes=max_nodes, row_top_k=row_top_k, n_candidates=att.space.size,
-        rows_computed=rows_done, seconds=round(time.perf_counter() - t0, 3))
+        rows_computed=part.rows, seconds=round(time.perf_counter() - t0, 3))
     if check:
         bound = tol if tol is not None else default_tolerance(model_dtype(model))
         if not graph.relative_error <= bound:
             raise NotExactError(graph, bound)
     return graph
+
+
+@dataclass
+class Kept:
+    """What pruning keeps: node ids ``sel`` [K] (into the node space), their exact edges
+    ``A`` [K, K] (rows receivers), the kept-edge mask, every candidate's influence, each kept
+    receiver's full incoming total (over all candidates), and how many rows were computed."""
+
+    sel: Tensor
+    A: Tensor
+    edge: Tensor
+    infl: Tensor
+    full_in: Tensor
+    rows: int
 
 
 def _batches(idx: Tensor, size: int):
@@ -142,7 +156,7 @@ def _target_weights(att: Attributor) -> Tensor:
     return w
 
 
-def _full(att: Attributor, batch_size: int, progress: bool | None):
+def _full(att: Attributor, batch_size: int, progress: bool | None) -> Kept:
     """Every row of every receiver: the complete graph (tiny models)."""
     space = att.space
     if space.size > DENSE_LIMIT:
@@ -159,66 +173,97 @@ def _full(att: Attributor, batch_size: int, progress: bool | None):
     finally:
         bar.close()
     infl = P.influence_dense(P.normalize_abs(A.double().cpu()), _target_weights(att))
-    return {"sel": torch.arange(space.size), "A": A, "edge": A != 0, "infl": infl,
-            "full_in": A.sum(-1), "rows": len(recv)}
+    return Kept(torch.arange(space.size), A, A != 0, infl, A.sum(-1), len(recv))
 
 
 def _pruned(att: Attributor, node_threshold: float, edge_threshold: float,
-            max_nodes: int | None, batch_size: int, top_k: int, progress: bool | None):
+            max_nodes: int | None, batch_size: int, top_k: int, progress: bool | None) -> Kept:
+    """circuit-tracer's pruning: rank receivers by influence from approximate rows (their
+    ``top_k`` largest edges), keep the nodes that carry ``node_threshold`` of it, then compute
+    the kept receivers' exact rows and prune edges to ``edge_threshold``."""
     space = att.space
-    N, Ns = space.size, space.n_senders
     w = _target_weights(att)
-    recv = space.receiver_mask()
     targets = torch.arange(space.targets.start, space.targets.stop)
-    recv[targets] = False
-    budget = int(recv.sum()) if max_nodes is None else min(max_nodes, int(recv.sum()))
-    k = min(top_k, Ns)
-    row_nodes, cols, vals = [], [], []
-
-    def visit(chunk: Tensor) -> None:
-        r = att.rows(chunk, top_k=k)
-        row_nodes.append(chunk)
-        cols.append(r["cols"].cpu())
-        vals.append((r["vals"].abs() / r["abs_sum"][:, None].clamp_min(1e-30)).double().cpu())
-
-    def influence() -> Tensor:
-        return P.influence_sparse(torch.cat(row_nodes), torch.cat(cols), torch.cat(vals), w)
-
-    visited = torch.zeros(N, dtype=torch.bool)
-    visit(targets)
-    bar = progress_bar(budget, "attribution rows", progress, unit="row")
-    try:
-        done = 0
-        while done < budget:
-            score = influence()
-            score[~recv | visited] = 0
-            pending = torch.argsort(score, descending=True)[: min(4 * batch_size, budget - done)]
-            pending = pending[score[pending] > 0]
-            if not len(pending):
-                break
-            # sorted by node id = by layer, so a batch's backward pass goes no deeper than needed
-            for chunk in _batches(pending.sort().values, batch_size):
-                visit(chunk)
-                visited[chunk] = True
-                done += len(chunk)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    infl = influence()
-    source = torch.zeros(N, dtype=torch.bool)
+    ranking = _Ranking(att, w, min(top_k, space.n_senders))
+    ranking.visit(targets)
+    ranking.explore(targets, max_nodes, batch_size, progress)
+    infl = ranking.influence()
+    source = torch.zeros(space.size, dtype=torch.bool)
     for b in space.blocks:
         if b.kind in SOURCES:
             source[b.start:b.stop] = True
     kept = infl >= P.find_threshold(infl, node_threshold)
-    kept &= visited | source  # a receiver without its row has no incoming edges
+    kept &= ranking.visited | source  # a receiver without its row has no incoming edges
     kept[space.blocks[0].start:space.blocks[0].stop] = True  # token embeddings
     kept[targets] = True
     sel = kept.nonzero().flatten()
-    # exact rows of the kept receivers, restricted to the kept nodes
+    is_recv = ~source[sel]
+    A, full_in = _exact_rows(att, sel, is_recv, batch_size, progress)
+    always = torch.zeros(len(sel), dtype=torch.bool)
+    always[(sel < space.blocks[0].stop) | (sel >= space.targets.start)] = True
+    edge, node = P.prune_edges(A.double().cpu(), w[sel], always, is_recv & ~always,
+                               edge_threshold)
+    keep = node.nonzero().flatten()
+    kd = keep.to(A.device)
+    return Kept(sel[keep], A[kd][:, kd], edge[keep][:, keep], infl, full_in[kd],
+                len(targets) + int(ranking.visited.sum()) + int(is_recv.sum()))
+
+
+class _Ranking:
+    """Approximate rows (each receiver's ``k`` largest |edges|, normalised) gathered in order of
+    influence, circuit-tracer's way: visit the most influential unvisited receivers, re-rank."""
+
+    def __init__(self, att: Attributor, w: Tensor, k: int):
+        self.att, self.w, self.k = att, w, k
+        self.row_nodes: list[Tensor] = []
+        self.cols: list[Tensor] = []
+        self.vals: list[Tensor] = []
+        self.visited = torch.zeros(att.space.size, dtype=torch.bool)
+
+    def visit(self, chunk: Tensor) -> None:
+        r = self.att.rows(chunk, top_k=self.k)
+        self.row_nodes.append(chunk)
+        self.cols.append(r["cols"].cpu())
+        norm = r["vals"].abs() / r["abs_sum"][:, None].clamp_min(1e-30)
+        self.vals.append(norm.double().cpu())
+
+    def influence(self) -> Tensor:
+        return P.influence_sparse(torch.cat(self.row_nodes), torch.cat(self.cols),
+                                  torch.cat(self.vals), self.w)
+
+    def explore(self, targets: Tensor, max_nodes: int | None, batch_size: int,
+                progress: bool | None) -> None:
+        recv = self.att.space.receiver_mask()
+        recv[targets] = False
+        budget = int(recv.sum()) if max_nodes is None else min(max_nodes, int(recv.sum()))
+        bar = progress_bar(budget, "attribution rows", progress, unit="row")
+        try:
+            done = 0
+            while done < budget:
+                score = self.influence()
+                score[~recv | self.visited] = 0
+                pending = torch.argsort(score, descending=True)[:min(4 * batch_size,
+                                                                     budget - done)]
+                pending = pending[score[pending] > 0]
+                if not len(pending):
+                    break
+                # sorted by node id = by layer: a batch's backward goes no deeper than needed
+                for chunk in _batches(pending.sort().values, batch_size):
+                    self.visit(chunk)
+                    self.visited[chunk] = True
+                    done += len(chunk)
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+
+
+def _exact_rows(att: Attributor, sel: Tensor, is_recv: Tensor, batch_size: int,
+                progress: bool | None) -> tuple[Tensor, Tensor]:
+    """The exact rows of the kept receivers restricted to the kept nodes ``A`` [K, K], and
+    each receiver's full incoming total over every candidate [K] (NaN for sources)."""
     A = att.T.new_zeros((len(sel), len(sel)))
     full_in = att.T.new_full((len(sel),), float("nan"))
-    is_recv = ~source[sel]
-    senders = sel[sel < Ns]  # sorted; the kept targets come last and send nothing
+    senders = sel[sel < att.space.n_senders]  # sorted; kept targets come last, send nothing
     where = is_recv.nonzero().flatten()
     bar = progress_bar(len(where), "kept rows", progress, unit="row")
     try:
@@ -230,20 +275,13 @@ def _pruned(att: Attributor, node_threshold: float, edge_threshold: float,
             bar.update(len(chunk))
     finally:
         bar.close()
-    always = torch.zeros(len(sel), dtype=torch.bool)
-    always[(sel < space.blocks[0].stop) | (sel >= space.targets.start)] = True
-    edge, node = P.prune_edges(A.double().cpu(), w[sel], always, is_recv & ~always,
-                               edge_threshold)
-    keep = node.nonzero().flatten()
-    kd = keep.to(A.device)
-    return {"sel": sel[keep], "A": A[kd][:, kd], "edge": edge[keep][:, keep], "infl": infl,
-            "full_in": full_in[kd], "rows": len(targets) + int(visited.sum()) + len(where)}
+    return A, full_in
 
 
 def _assemble(model, att: Attributor, tokens: Tensor, strs: list[str], prompt: Any,
-              sel: Tensor, A: Tensor, edge: Tensor, infl: Tensor, full_in: Tensor
-              ) -> AttributionGraph:
+              kept: Kept) -> AttributionGraph:
     space = att.space
+    sel, A, edge, infl, full_in = kept.sel, kept.A, kept.edge, kept.infl, kept.full_in
     desc = space.describe(tokens[0], att.target.ids or list(range(len(att.T))))
     kind = desc["kind"][sel]
     recv = torch.tensor([KINDS[k] not in SOURCES for k in kind.tolist()])

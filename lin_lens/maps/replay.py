@@ -185,78 +185,27 @@ class Replay:
             raise ReplayUnsupported("a target in the Q/K branch needs full-length replays")
         B = 1 if tangent is None else tangent.shape[0]
         tokens = self.tokens[:, start:].expand(B, -1)
-        out: dict[str, Tensor] = {}
-        want = set(self.targets) | ({LOGITS} if readout_input else set())
-        pos = torch.tensor([t - start for t in self.positions if t >= start],
-                           device=tokens.device, dtype=torch.long)
         params = {**self._zeros, **self._narrow}
         if origin is not None and origin in self.biases:
             params[origin] = self.biases[origin].detach()
-        seen: dict[str, Tensor] = {}
-        fired: dict[str, int] = {}
-
-        def nth(name: str) -> int:  # which firing of ``name`` this is, in this replay
-            k = fired.get(name, 0)
-            fired[name] = k + 1
-            return k
-
-        def done() -> None:
-            if want <= out.keys():
-                raise _Stop
-
-        def grab(t: Tensor, hook: Any) -> None:
-            out[hook.name] = t[:, pos].reshape(B, len(pos), -1)
-            done()
-
-        def src(t: Tensor, hook: Any) -> Tensor:
-            return torch.zeros_like(t) if tangent is None else tangent.reshape(t.shape)
-
-        def pos_embed(t: Tensor, hook: Any) -> Tensor:
-            return t if origin == "hook_pos_embed" else torch.zeros_like(t)
-
-        def frozen(t: Tensor, hook: Any) -> Tensor:
-            v = self._sliced(hook.name, self.values[hook.name][nth(hook.name)], start)
-            if v is None:
-                return t
-            shape = t.shape
-            if t.shape[-1] == 0 and v.shape[-1] != 0:  # a narrowed gate (_unused_gate_weights)
-                if v.shape[0] == 1:
-                    return v  # broadcast by the gate product: act() once, not per tangent
-                shape = (*t.shape[:-1], v.shape[-1])
-            if v.shape[0] != shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
-                v = v.repeat(shape[0] // v.shape[0], *([1] * (v.ndim - 1)))
-            return v.expand(shape)
-
-        def keep_pre(t: Tensor, hook: Any) -> None:
-            seen[hook.name] = t
-
-        def post_for(pre: str):
-            def post(t: Tensor, hook: Any) -> Tensor:
-                return self._sliced(pre, self.gates[pre][nth(pre)], start) * seen.pop(pre)
-            return post
-
-        def unembed_in(module, args) -> None:
-            out[LOGITS] = args[0][:, pos].reshape(B, len(pos), -1)
-            done()
-
-        hs = HookSet(model)
+        p = _ReplayPass(self, tangent, origin, readout_input, start, B)
         first = [h for h in self.targets if h in self.freeze]
-        with hs, torch.no_grad():
-            hs.add(self.source, src)
+        with HookSet(model) as hs, torch.no_grad():
+            hs.add(self.source, p.src)
             if self.pos_origin:
-                hs.add("hook_pos_embed", pos_embed)
+                hs.add("hook_pos_embed", p.pos_embed)
             for h in first:
-                hs.add(h, grab)
+                hs.add(h, p.grab)
             for h in self.freeze:
-                hs.add(h, frozen)
+                hs.add(h, p.frozen)
             for pre, post in self.pre_post:
-                hs.add(pre, keep_pre)
-                hs.add(post, post_for(pre))
+                hs.add(pre, p.keep_pre)
+                hs.add(post, p.post_for(pre))
             for h in self.targets:
                 if h not in first:
-                    hs.add(h, grab)
+                    hs.add(h, p.grab)
             if readout_input:
-                hs.add_module_hook(model.unembed, unembed_in, pre=True)
+                hs.add_module_hook(model.unembed, p.unembed_in, pre=True)
             kw: dict[str, Any] = {"return_type": "logits"}  # _Stop skips the W_U matmul
             if self.stop_at is not None and not readout_input:
                 kw["stop_at_layer"] = self.stop_at
@@ -264,10 +213,10 @@ class Replay:
                 torch.func.functional_call(model, params, (tokens,), kw, strict=False)
             except _Stop:
                 pass
-        missing = want - out.keys()
+        missing = p.want - p.out.keys()
         if missing:
             raise InvalidArgumentError(f"hooks did not fire in the replay: {sorted(missing)}")
-        return out
+        return p.out
 
     def origins(self) -> list[str]:
         # a narrowed q/k bias only feeds the frozen pattern: its constant is exactly zero
@@ -276,3 +225,61 @@ class Replay:
         return names + (["hook_pos_embed"] if self.pos_origin else [])
 
 
+class _ReplayPass:
+    """The hooks of one replay: the tangent in, frozen factors substituted, targets out."""
+
+    def __init__(self, replay: Replay, tangent: Tensor | None, origin: str | None,
+                 readout_input: bool, start: int, B: int):
+        self.r, self.tangent, self.origin, self.start, self.B = replay, tangent, origin, start, B
+        self.want = set(replay.targets) | ({LOGITS} if readout_input else set())
+        self.pos = torch.tensor([t - start for t in replay.positions if t >= start],
+                                device=replay.tokens.device, dtype=torch.long)
+        self.out: dict[str, Tensor] = {}
+        self.seen: dict[str, Tensor] = {}
+        self.fired: dict[str, int] = {}
+
+    def _nth(self, name: str) -> int:  # which firing of ``name`` this is, in this replay
+        k = self.fired.get(name, 0)
+        self.fired[name] = k + 1
+        return k
+
+    def _done(self) -> None:
+        if self.want <= self.out.keys():
+            raise _Stop
+
+    def grab(self, t: Tensor, hook: Any) -> None:
+        self.out[hook.name] = t[:, self.pos].reshape(self.B, len(self.pos), -1)
+        self._done()
+
+    def src(self, t: Tensor, hook: Any) -> Tensor:
+        return torch.zeros_like(t) if self.tangent is None else self.tangent.reshape(t.shape)
+
+    def pos_embed(self, t: Tensor, hook: Any) -> Tensor:
+        return t if self.origin == "hook_pos_embed" else torch.zeros_like(t)
+
+    def frozen(self, t: Tensor, hook: Any) -> Tensor:
+        r = self.r
+        v = r._sliced(hook.name, r.values[hook.name][self._nth(hook.name)], self.start)
+        if v is None:
+            return t
+        shape = t.shape
+        if t.shape[-1] == 0 and v.shape[-1] != 0:  # a narrowed gate (_unused_gate_weights)
+            if v.shape[0] == 1:
+                return v  # broadcast by the gate product: act() once, not per tangent
+            shape = (*t.shape[:-1], v.shape[-1])
+        if v.shape[0] != shape[0] and v.shape[0] != 1:  # batch folded into dim 0 (q/k norm)
+            v = v.repeat(shape[0] // v.shape[0], *([1] * (v.ndim - 1)))
+        return v.expand(shape)
+
+    def keep_pre(self, t: Tensor, hook: Any) -> None:
+        self.seen[hook.name] = t
+
+    def post_for(self, pre: str):
+        def post(t: Tensor, hook: Any) -> Tensor:
+            gate = self.r._sliced(pre, self.r.gates[pre][self._nth(pre)], self.start)
+            return gate * self.seen.pop(pre)
+        return post
+
+    def unembed_in(self, module: Any, args: Any) -> None:
+        self.out[LOGITS] = args[0][:, self.pos].reshape(self.B, len(self.pos), -1)
+        self._done()

@@ -38,13 +38,19 @@ NOT_LINEAR = {
 ENGINES = ("auto", "reverse", "forward", "matrix_free")
 
 
-def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None) -> Int[Tensor, "1 pos"]:
-    """Text, a list of ids or an id tensor → one [1, pos] token tensor on the model's device."""
+def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None, *,
+              truncate: bool = False) -> Int[Tensor, "1 pos"]:
+    """Text, a list of ids or an id tensor → one [1, pos] token tensor on the model's device.
+
+    An input longer than the model's context (``cfg.n_ctx``) is refused with both lengths:
+    TransformerLens's own ``to_tokens`` would cut it silently, and every result would then
+    answer for another prompt than the one given. ``truncate=True`` keeps the first ``n_ctx``
+    tokens instead (then say so wherever the result is reported)."""
     if isinstance(inputs, str):
         if not inputs:
             raise InvalidArgumentError("empty input text")
         kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        tokens = model.to_tokens(inputs, **kw)
+        tokens = model.to_tokens(inputs, truncate=False, **kw)
     else:
         tokens = torch.as_tensor(inputs)
         if tokens.numel() == 0:
@@ -58,6 +64,14 @@ def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None) -> Int[T
             f"one prompt at a time: expected [pos] or [1, pos], got {list(tokens.shape)}")
     if tokens.shape[1] == 0:
         raise InvalidArgumentError("empty input: no tokens")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and tokens.shape[1] > n_ctx:
+        if not truncate:
+            raise InvalidArgumentError(
+                f"the input has {tokens.shape[1]} tokens, more than the model's context length "
+                f"n_ctx={n_ctx}; shorten it, or cut it knowingly with "
+                f"lin_lens.to_tokens(model, text, truncate=True)")
+        tokens = tokens[:, :n_ctx]
     d_vocab = getattr(model.cfg, "d_vocab", None)
     if d_vocab and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
         raise InvalidArgumentError(f"token id out of range for d_vocab={d_vocab}")
@@ -202,10 +216,6 @@ class MapRequest:
             raise InvalidArgumentError(
                 "detach=False inside `with lin_lens.detached(model)`: the model is detached, "
                 "so the ordinary Jacobian cannot be computed here; call it outside the block")
-        n_ctx = getattr(model.cfg, "n_ctx", None)
-        if n_ctx and tokens.shape[1] > n_ctx:
-            raise InvalidArgumentError(
-                f"{tokens.shape[1]} tokens exceed the model's context length n_ctx={n_ctx}")
         return cls(tokens=tokens, hook=hook, source=source,
                    positions=positions(pos, tokens.shape[1]), int_pos=is_int_position(pos),
                    direction=direction, out_index=out_index, head=head, detach=detach,

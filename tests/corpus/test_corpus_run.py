@@ -15,6 +15,7 @@ import lin_lens
 from lin_lens import corpus
 from lin_lens.corpus.schema import SCHEMA
 from lin_lens.corpus.store import Store
+from lin_lens.errors import OutputExistsError
 
 ALL = ["svd", "decode", "contributions", "ordinary"]
 
@@ -155,9 +156,9 @@ def test_resume_computes_only_missing(spec, tmp_path):
     assert t["text"].to_pylist() == [*first, "w9 w10", "w11"]
     assert t["prompt_index"].to_pylist() == [0, 1, 2, 3, 4, 6]
     # results of other settings never mix into a run; resume=False never touches one
-    with pytest.raises(ValueError, match="k: 8 → 5"):
+    with pytest.raises(OutputExistsError, match="k: 8 → 5"):
         corpus.run(spec, first, out, analyses=["svd"], k=5, progress=False)
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(OutputExistsError, match="resume=True"):
         corpus.run(spec, first, out, analyses=["svd"], resume=False, progress=False)
 
 
