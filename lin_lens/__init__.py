@@ -54,6 +54,7 @@ from lin_lens.maps import (
     top_singular,
 )
 from lin_lens.models import LoadSpec, load_hf, load_model
+from lin_lens.qk import QKAttribution, qk_attribution, qk_attributions
 from lin_lens.spectrum import SVD, stable_rank, svd
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "LayerSweep",
     "LinearMap",
     "LoadSpec",
+    "QKAttribution",
     "SteeringOperator",
     "SteeringResult",
     "TokenList",
@@ -101,6 +103,8 @@ __all__ = [
     "load_hf",
     "load_model",
     "operators_at_hooks",
+    "qk_attribution",
+    "qk_attributions",
     "reset",
     "stable_rank",
     "steer",

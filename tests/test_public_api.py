@@ -12,8 +12,8 @@ from lin_lens.errors import LinLensError
 REVIEWED = {
     # results
     "SVD", "Ablation", "AttributionGraph", "Contributions", "Decoding", "Decomposition",
-    "LayerSweep", "LinearMap", "LoadSpec", "SteeringOperator", "SteeringResult", "TokenList",
-    "TopSingular",
+    "LayerSweep", "LinearMap", "LoadSpec", "QKAttribution", "SteeringOperator",
+    "SteeringResult", "TokenList", "TopSingular",
     # errors
     "ArgumentTypeError", "FileFormatError", "InvalidArgumentError", "InvalidPositionError",
     "LinLensError", "MemoryBudgetError", "MissingFileError", "ModelNotAvailableError",
@@ -22,8 +22,9 @@ REVIEWED = {
     # functions
     "ablate", "attribution_graph", "decode", "decompose", "default_tolerance", "detached",
     "head_operators", "is_detached", "layer_sweep", "layer_transforms", "linear_map", "load_hf",
-    "load_model", "operators_at_hooks", "reset", "stable_rank", "steer", "steering_hooks",
-    "steering_operator", "svd", "to_tokens", "top_singular", "top_singular_tokens",
+    "load_model", "operators_at_hooks", "qk_attribution", "qk_attributions", "reset",
+    "stable_rank", "steer", "steering_hooks", "steering_operator", "svd", "to_tokens",
+    "top_singular", "top_singular_tokens",
 }
 
 

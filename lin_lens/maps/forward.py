@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lin_lens._tl import LOGITS, is_bridge
 from lin_lens.maps import budget
-from lin_lens.maps.graph import batched_grad, detached_forward
+from lin_lens.maps.columns import open_columns
 from lin_lens.maps.replay import Replay, ReplayUnsupported, layer_of
 from lin_lens.maps.request import MapRequest
 from lin_lens.maps.result import LinearMap
@@ -41,69 +41,12 @@ def forward_maps(model: Any, req: MapRequest, hooks: list[str]) -> dict[str, Lin
     """The detached map at every (canonical) hook in ``hooks`` for ``req``'s tokens, source and
     positions, by columns; ``meta["engine"]`` says which column source ran."""
     with contextlib.ExitStack() as stack:
-        try:
-            replay: Any = Replay(model, req.tokens, req.source, hooks, req.positions)
-        except ReplayUnsupported:  # Bridges, SoLU: columns from the reverse graph instead
-            replay = GraphColumns(stack, model, req.tokens, req.source, hooks, req.positions)
-            x, acts = replay.x, replay.acts
-        else:
-            fwd = detached_forward(stack, model, req.tokens, req.source, hooks, grad=False,
-                                   record=replay.recorder)
-            x, acts = fwd.x, fwd.acts
+        replay, x, acts = open_columns(stack, model, req.tokens, req.source, hooks,
+                                       req.positions)
         res = _columns(model, req, hooks, replay, x, acts)
         for m in res.values():
             m.meta["engine"] = "forward" if isinstance(replay, Replay) else "forward (graph)"
         return res
-
-
-class GraphColumns:
-    """Operator columns at many hooks from one detached graph, for models the replay cannot
-    follow (Bridges, SoLU): with ``y`` the target activations stacked, ``g(u) = ∂(u·y)/∂x`` is
-    built once with ``create_graph=True``; it is linear in ``u``, so a backward pass through it
-    with a source tangent ``v`` gives ``J v`` at every hook at once (the double-backward trick),
-    and with an origin's value the constant of that origin. Same interface as :class:`Replay`
-    (``run``, ``origins``); ``start > 0`` is not supported (full-length columns)."""
-
-    def __init__(self, stack: contextlib.ExitStack, model: Any, tokens: Tensor, source: str,
-                 hooks: Sequence[str], tgt: Sequence[int]):
-        self.hooks, self.n = list(hooks), tokens.shape[1]
-        fwd = detached_forward(stack, model, tokens, source, hooks, constants=True)
-        stack.enter_context(torch.enable_grad())
-        self.x, self.acts = fwd.x, fwd.acts
-        pos = list(tgt)
-        parts = [self.acts[h][0, pos].reshape(-1) for h in hooks]
-        self.sizes = [p.numel() for p in parts]
-        self.widths = [self.acts[h][0, 0].numel() for h in hooks]
-        y = torch.cat(parts)
-        self.u0 = torch.zeros_like(y, requires_grad=True)
-        self.leaves = {"source": self.x, **fwd.constant_leaves()}
-        grads = torch.autograd.grad(y, list(self.leaves.values()), self.u0, create_graph=True,
-                                    allow_unused=True)
-        self.g = dict(zip(self.leaves, grads, strict=True))
-        self.chunk = budget.preferred_chunk(self.n)
-
-    def _split(self, Y: Tensor) -> dict[str, Tensor]:  # [B, ΣY] → {hook: [B, n_t, d]}
-        out = {}
-        for h, part, w in zip(self.hooks, Y.split(self.sizes, dim=1), self.widths, strict=True):
-            out[h] = part.reshape(Y.shape[0], -1, w)
-        return out
-
-    def run(self, tangent: Tensor | None, origin: str | None = None,
-            readout_input: bool = False, start: int = 0) -> dict[str, Tensor]:
-        if start or readout_input:
-            raise ReplayUnsupported("graph columns are full-length and hook-only")
-        if tangent is None:  # the constant of one origin: J_origin · its value
-            name, T = origin, self.leaves[origin].detach()[None]
-        else:
-            name, T = "source", tangent.reshape(-1, *self.x.shape)
-        g = self.g[name]
-        if g is None or not g.requires_grad:  # the leaf does not reach the targets
-            return self._split(self.u0.new_zeros(len(T), self.u0.numel()))
-        return self._split(batched_grad(g, self.u0, T, chunk=self.chunk))
-
-    def origins(self) -> list[str]:
-        return [k for k, v in self.leaves.items()
-                if k != "source" and bool(v.detach().ne(0).any())]
 
 
 def _columns(model: Any, req: MapRequest, hooks: list[str], replay: Any, x: Tensor,

@@ -1,0 +1,255 @@
+"""Query and key parts by attribution-graph node, through each node's direct path.
+
+The residual stream entering layer ``L`` at position ``p`` is exactly the sum of what the nodes
+at ``p`` wrote (token and position embeddings, each head's ``z_h W_O[h]``, each neuron's
+``post_n W_out[n]``, each bias; a post-attention/-MLP norm applied with its frozen scale):
+:func:`lin_lens.analyses.decompose.writes`, checked against the model's own residual stream. The
+layer's query and key at ``p`` are an exact affine function of that stream (its norm's scale
+frozen, rotary fixed by the position): ``q(p) = M_p r(p) + c_p``. The rows of ``M_p`` come from
+backward passes through layer ``L``'s own query/key path only, and each constant ``c_p`` (``b_Q``,
+``b_K``, the norm's bias, a shortformer's position embedding) from forward columns of that path,
+so a node's part of the query is ``M_t`` applied to what it wrote — a neuron's, ``post_n[t] ·
+M_t W_out[n]`` — and its share of a score at key ``s`` needs one product ``W_out (M_sᵀ g q(t))``
+per layer: the cost never grows with the number of nodes times ``d_head``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lin_lens._numeric import relative_error
+from lin_lens._tl import canonical
+from lin_lens.analyses.decompose import _post_norm, writes
+from lin_lens.errors import InvalidArgumentError, NotExactError, UnsupportedFeatureError
+from lin_lens.freeze import detached
+from lin_lens.maps import default_tolerance
+from lin_lens.maps.columns import GraphColumns
+from lin_lens.maps.graph import batched_grad
+from lin_lens.qk.form import ScoreForm
+from lin_lens.qk.result import Parts, QKAttribution
+
+NOT_SUMMING = ("the node writes do not sum to the residual stream entering layer {L} (this block "
+               "layout is not one lin_lens knows); use by='tokens'")
+
+
+class NodeSides:
+    """Everything node parts need for one layer and query position (see the module docstring).
+
+    ``heads``/``neurons`` choose the node kinds (else whole attention layers / MLPs), as
+    :func:`lin_lens.attribution_graph` does."""
+
+    def __init__(self, model: Any, tokens: Tensor, form: ScoreForm, t: int,
+                 nodes: Sequence[str]):
+        nodes = (nodes,) if isinstance(nodes, str) else tuple(nodes)
+        if not nodes or set(nodes) - {"heads", "neurons"}:
+            raise InvalidArgumentError(f"nodes={nodes!r}: give 'heads' and/or 'neurons'")
+        self.model, self.form, self.t = model, form, t
+        self.heads, self.neurons = "heads" in nodes, "neurons" in nodes
+        self.n = t + 1
+        self._cache(tokens)
+        self._paths(tokens)
+        self._writes(self.n)
+
+    # -- the forward values and the residual writes ---------------------------------------------
+    def _cache(self, tokens: Tensor) -> None:
+        L = self.form.layer
+        with torch.no_grad(), detached(self.model):
+            _, cache = self.model.run_with_cache(tokens[:, :self.n])
+        self.cache = cache
+        self.resid = cache[f"blocks.{L}.hook_resid_pre"][0].detach()  # [n, d_model]
+
+    def _writes(self, n: int) -> None:
+        L, cfg = self.form.layer, self.model.cfg
+        at = (0, slice(0, n))
+        parts = writes(self.model, self.cache, at, list(range(L)), L)
+        if str(getattr(cfg, "positional_embedding_type", "")) == "shortformer":
+            parts = [p for p in parts if p[1] != "pos_embed"]  # enters Q/K only (a constant)
+        total = torch.stack([p[2].expand(n, -1) for p in parts]).sum(0)
+        err = relative_error(self.resid, total)
+        if not err <= default_tolerance(self.resid.dtype):
+            raise NotExactError(_Failed(f"blocks.{L}.hook_resid_pre", err),
+                                default_tolerance(self.resid.dtype), NOT_SUMMING.format(L=L))
+        self.write_parts = parts  # (label, kind, [n, d_model]) from decompose
+
+    # -- layer L's own query/key path ------------------------------------------------------------
+    def _paths(self, tokens: Tensor) -> None:
+        """``Mq`` [heads·d, d_model] at the query position, ``Mk`` [n, kv·d, d_model] at every
+        key, and each constant origin's part of the query and the keys."""
+        f, model, L = self.form, self.model, self.form.layer
+        src = f"blocks.{L}.hook_resid_pre"
+        hooks = [f.q_hook, f.k_hook]
+        with contextlib.ExitStack() as stack:
+            cols = GraphColumns(stack, model, tokens[:, :self.n], src, hooks,
+                                list(range(self.n)))
+            q = cols.acts[f.q_hook][0].reshape(self.n, f.n_heads, f.d_head)
+            k = cols.acts[f.k_hook][0].reshape(self.n, f.n_kv, f.d_head)
+            if f.rotate is not None:
+                q, k = f.rotate(q, "q"), f.rotate(k, "k")
+            dq, dk = f.n_heads * f.d_head, f.n_kv * f.d_head
+            eye_q = torch.zeros(dq, self.n, dq, dtype=q.dtype, device=q.device)
+            eye_q[torch.arange(dq), self.t, torch.arange(dq)] = 1
+            gq = batched_grad(q.reshape(self.n, dq), cols.x, eye_q)  # [dq, 1, n, d_model]
+            self.Mq = gq[:, 0, self.t]  # [dq, d_model]
+            eye_k = torch.eye(dk, dtype=k.dtype, device=k.device)[:, None, :].expand(
+                dk, self.n, dk)
+            gk = batched_grad(k.reshape(self.n, dk), cols.x, eye_k)  # [dk, 1, n, d_model]
+            self.Mk = gk[:, 0].permute(1, 0, 2).contiguous()  # [n, dk, d_model]
+            self.q_const: dict[str, Tensor] = {}
+            self.k_const: dict[str, Tensor] = {}
+            for o in cols.origins():
+                out = cols.run(None, origin=o)
+                oq = out[f.q_hook].reshape(self.n, f.n_heads, f.d_head)
+                ok = out[f.k_hook].reshape(self.n, f.n_kv, f.d_head)
+                if f.rotate is not None:
+                    oq, ok = f.rotate(oq, "q"), f.rotate(ok, "k")
+                if bool(oq.ne(0).any()) or bool(ok.ne(0).any()):
+                    self.q_const[o], self.k_const[o] = oq[self.t], ok
+        self.q_actual, self.k_actual = q.detach()[self.t], k.detach()
+
+    # -- node parts ------------------------------------------------------------------------------
+    def _node_vectors(self, M: Tensor, p: int, sel: slice | None = None):
+        """Every node's part at position ``p`` through ``M`` [rows, d_model] (node descriptors
+        and vectors [P, rows]); neurons through ``M W_outᵀ`` per layer."""
+        kinds, layers, index, names, vecs = [], [], [], [], []
+        for label, kind, w in self.write_parts:
+            wp = w.expand(self.n, -1)[p]
+            if kind == "head" and not self.heads:
+                continue  # summed into the layer's attention node below
+            if kind == "mlp" and self.neurons:
+                layer = int(label[1:].split(".")[0])
+                post = self.cache[f"blocks.{layer}.mlp.hook_post"][0, p]
+                Wn = self._neuron_writes(layer, p)  # [d_mlp, d_model]
+                vecs.append(post[:, None] * (Wn @ M.T))
+                kinds += ["neuron"] * len(post)
+                layers += [layer] * len(post)
+                index += list(range(len(post)))
+                names += [""] * len(post)
+                continue
+            kinds.append(kind)
+            layers.append(_layer_of(label))
+            index.append(_index_of(label))
+            names.append(label)
+            vecs.append((wp @ M.T)[None])
+        if not self.heads:
+            L = self.form.layer
+            for layer in range(L):
+                total = sum((w.expand(self.n, -1)[p] for lab, kind, w in self.write_parts
+                             if kind == "head" and _layer_of(lab) == layer),
+                            torch.zeros_like(self.resid[p]))
+                kinds.append("attn")
+                layers.append(layer)
+                index.append(-1)
+                names.append(f"L{layer}.attn")
+                vecs.append((total @ M.T)[None])
+        return kinds, layers, index, names, torch.cat(vecs)
+
+    def _neuron_writes(self, layer: int, p: int) -> Tensor:
+        block = self.model.blocks[layer]
+        W_out = block.mlp.W_out.detach()
+        post_m = _post_norm(block, self.cache, layer, "ln2", (0, p))
+        return post_m(W_out.to(self.resid.dtype))
+
+    def q_parts(self, head: int) -> Parts:
+        f = self.form
+        M = self.Mq.reshape(f.n_heads, f.d_head, -1)[head]  # [d, d_model]
+        kinds, layers, index, names, V = self._node_vectors(M, self.t)
+        pos = [self.t if k not in ("bias",) else -1 for k in kinds]
+        for o, c in self.q_const.items():
+            kinds.append("bias" if o != "hook_pos_embed" else "pos_embed")
+            layers.append(f.layer)
+            pos.append(-1)
+            index.append(-1)
+            names.append(_origin_name(o))
+            V = torch.cat([V, c[head][None]])
+        return Parts(kinds, layers, pos, index, names, V)
+
+    def k_parts(self, head: int, s: int, gate: Tensor, top: int) -> tuple[Parts, Parts]:
+        """(the ``top`` key-side parts at key ``s`` by |marginal| and one exact rest part,
+        every key-side part's marginal ``gate · q · k_b(s)``)."""
+        f = self.form
+        kv = f.kv_head(head)
+        M = self.Mk[s].reshape(f.n_kv, f.d_head, -1)[kv]  # [d, d_model]
+        kinds, layers, index, names, V = self._node_vectors(M, s)
+        pos = [s if k != "bias" else -1 for k in kinds]
+        for o, c in self.k_const.items():
+            kinds.append("bias" if o != "hook_pos_embed" else "pos_embed")
+            layers.append(f.layer)
+            pos.append(-1)
+            index.append(-1)
+            names.append(_origin_name(o))
+            V = torch.cat([V, c[s, kv][None]])
+        marg = gate * (V @ self.q_actual[head])
+        full = Parts(kinds, layers, pos, index, names, marg)
+        keep = marg.abs().topk(min(top, len(marg))).indices.tolist()
+        kept = full.subset(keep)
+        kept.vectors = V[keep]
+        rest = self.k_actual[s, kv] - kept.vectors.sum(0)
+        kept.kind.append("rest")
+        kept.layer.append(-1)
+        kept.pos.append(s)
+        kept.index.append(-1)
+        kept.name.append("(other key-side nodes)")
+        kept.vectors = torch.cat([kept.vectors, rest[None]])
+        return kept, full
+
+    def attribution(self, head: int, keys: list[int], top: int, str_tokens: list[str],
+                    tokens: Tensor) -> QKAttribution:
+        f, t = self.form, self.t
+        kv = f.kv_head(head)
+        gate = f.gate(head, t, keys)
+        q = self.q_parts(head)
+        ks, alls = zip(*(self.k_parts(head, s, gate[j], top) for j, s in enumerate(keys)),
+                       strict=True)
+        return QKAttribution(
+            layer=f.layer, head=head, kv_head=kv, query=t, keys=keys, by="nodes", q_parts=q,
+            k_parts=list(ks), gate=gate, bias=f.position_bias(head, t, keys),
+            scores=f.scores[head, t, keys], pattern=f.pattern[head, t, keys],
+            q=f.q[t, head], k=f.k[keys, kv], str_tokens=str_tokens,
+            tokens=tokens[0].detach().cpu(), k_marginal_all=list(alls),
+            meta={"form": f.how, "q_hook": f.q_hook, "k_hook": f.k_hook,
+                  "nodes": ("heads" if self.heads else "attn") + "+"
+                  + ("neurons" if self.neurons else "mlp")})
+
+
+class _Failed:
+    """What NotExactError reports when the writes do not sum (no map to carry)."""
+
+    def __init__(self, hook: str, err: float):
+        self.hook, self.relative_error = hook, err
+
+
+def _layer_of(label: str) -> int:
+    if label.startswith("L"):
+        return int(label[1:].replace(".", "H").split("H")[0])
+    if label.startswith("blocks."):
+        return int(label.split(".")[1])
+    return -1
+
+
+def _index_of(label: str) -> int:
+    if label.startswith("L") and "H" in label:
+        return int(label.split("H")[1])
+    return -1
+
+
+def _origin_name(o: str) -> str:
+    if o == "hook_pos_embed":
+        return "pos_embed"
+    return o.replace("._original_component", "").replace("_original_component.", "")
+
+
+def node_sides(model: Any, tokens: Tensor, form: ScoreForm, t: int,
+               nodes: Sequence[str]) -> NodeSides:
+    for h in (f"blocks.{form.layer}.hook_resid_pre",):
+        if h not in model.hook_dict:
+            raise UnsupportedFeatureError(f"{h}: by='nodes' reads the residual stream there")
+    if canonical(model, form.q_hook) == canonical(model, form.k_hook):
+        raise UnsupportedFeatureError("queries and keys share one hook")
+    return NodeSides(model, tokens, form, t, nodes)
+
+
