@@ -156,19 +156,30 @@ def _stage(model: Any, hook: str) -> tuple[int, bool, bool]:
 def _post_norm(block: Any, cache: Any, layer: int, which: str, at: tuple):
     """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise; its
     scale read at ``cache[...][at]`` (``at = (0, t)``, or ``(rows, targets)`` for a batch)."""
+    unscaled, scale = post_norm_parts(block, cache, layer, which)
+    if unscaled is None:
+        return lambda v: v
+    s = scale[at]
+    return lambda v: unscaled(v) / s
+
+
+def post_norm_parts(block: Any, cache: Any, layer: int, which: str):
+    """A post-attention/-MLP norm (Gemma) as ``(unscaled, scale)``: ``norm(v) =
+    unscaled(v) / scale[…]`` with the frozen ``scale`` ``[batch, pos, 1]`` of the cache and
+    ``unscaled`` linear (centring for LayerNorm, the weight); ``(None, None)`` where there is
+    no such norm (or an Identity)."""
     ln = getattr(block, f"{which}_post", None)
     if ln is None or not hasattr(ln, "hook_scale"):  # none, or an Identity (no normalization)
-        return lambda v: v
-    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"][at]
+        return None, None
+    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"]
     w, _ = norm_params(ln)
     center = _centers(block.cfg if hasattr(block, "cfg") else None, ln)
 
-    def f(v: Tensor) -> Tensor:
+    def unscaled(v: Tensor) -> Tensor:
         v = v - v.mean(-1, keepdim=True) if center else v
-        v = v / scale
         return v * w.detach() if w is not None else v
 
-    return f
+    return unscaled, scale
 
 
 def _centers(cfg: Any, ln: Any) -> bool:

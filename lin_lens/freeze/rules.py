@@ -179,11 +179,13 @@ def cut_hooks(model: Any) -> set[str]:
     return {r.hook for r in freezing_rules(model) if r.detaches}
 
 
-def read_before_cut(model: Any, hook: str) -> bool:
+def read_before_cut(model: Any, hook: str, cuts: set[str] | None = None) -> bool:
     """Whether a linear activation at ``hook`` must be read before detached mode's own hook
     there: a hook whose value detached mode detaches (a gated MLP's gate pre-activation is
-    linear, but cut right at its hook); every other hook is read after lin_lens's hooks."""
+    linear, but cut right at its hook); every other hook is read after lin_lens's hooks.
+    ``cuts``: :func:`cut_hooks` of the model, when the caller has them already."""
     if hook == "logits" or hook not in model.hook_dict:
         return False
     name = model.hook_dict[hook].name or hook
-    return any((model.hook_dict[c].name or c) == name for c in cut_hooks(model))
+    cuts = cut_hooks(model) if cuts is None else cuts
+    return any((model.hook_dict[c].name or c) == name for c in cuts)

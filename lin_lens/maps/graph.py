@@ -28,7 +28,7 @@ from torch import Tensor
 from lin_lens._hooks import HookSet, flags_for, requires_grad
 from lin_lens._tl import LOGITS, biases, canonical
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
-from lin_lens.freeze import detached, read_before_cut
+from lin_lens.freeze import cut_hooks, detached, read_before_cut
 
 
 class _Stop(Exception):
@@ -169,11 +169,12 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
                     hs.add(origin, p.leaf(origin))
         if record is not None:
             record(hs)
+        cut = cut_hooks(model) if detach and targets else set()
         for h in targets:
             if h == LOGITS:
                 hs.add_module_hook(model.unembed, p.unembed_in, pre=True)
             else:  # before a cut: the live activation (e.g. a gated MLP's gate pre-activation)
-                hs.add(h, p.grab, prepend=detach and read_before_cut(model, h))
+                hs.add(h, p.grab, prepend=detach and read_before_cut(model, h, cut))
         inner.enter_context(torch.enable_grad() if grad else torch.no_grad())
         try:
             fwd.logits = model(tokens, return_type="logits")

@@ -84,9 +84,11 @@ def score_forms(model: Any, tokens: Tensor, layers: Sequence[int]) -> dict[int, 
                      "hook_attn_scores", "hook_pattern"):
             h = f"blocks.{L}.attn.{leaf}"
             if h in model.hook_dict:
-                names.add(canonical(model, h))
+                names.update((h, canonical(model, h)))
+    stop = max(layers) + 1
+    kw = {"stop_at_layer": stop} if stop < int(model.cfg.n_layers) else {}
     with torch.no_grad(), detached(model):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
     return {L: _form(model, cache, L) for L in layers}
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lin_lens._numeric import relative_error
 from lin_lens._tl import canonical
-from lin_lens.analyses.decompose import _post_norm, writes
+from lin_lens.analyses.decompose import post_norm_parts, writes
 from lin_lens.errors import InvalidArgumentError, NotExactError, UnsupportedFeatureError
 from lin_lens.freeze import detached
 from lin_lens.maps import default_tolerance
@@ -54,12 +54,20 @@ class NodeSides:
         self._cache(tokens)
         self._paths(tokens)
         self._writes(self.n)
+        self._catalog()
 
     # -- the forward values and the residual writes ---------------------------------------------
     def _cache(self, tokens: Tensor) -> None:
-        L = self.form.layer
-        with torch.no_grad(), detached(self.model):
-            _, cache = self.model.run_with_cache(tokens[:, :self.n])
+        L, model = self.form.layer, self.model
+        leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
+                  "_post.hook_scale", f"blocks.{L}.hook_resid_pre")
+        wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
+            not h.startswith("blocks.") or int(h.split(".")[1]) <= L)]
+        names = set(wanted) | {canonical(model, h) for h in wanted}
+        kw = {"stop_at_layer": L + 1} if L + 1 < int(model.cfg.n_layers) else {}
+        with torch.no_grad(), detached(model):
+            _, cache = model.run_with_cache(tokens[:, :self.n],
+                                            names_filter=lambda n: n in names, **kw)
         self.cache = cache
         self.resid = cache[f"blocks.{L}.hook_resid_pre"][0].detach()  # [n, d_model]
 
@@ -112,61 +120,111 @@ class NodeSides:
         self.q_actual, self.k_actual = q.detach()[self.t], k.detach()
 
     # -- node parts ------------------------------------------------------------------------------
-    def _node_vectors(self, M: Tensor, p: int, sel: slice | None = None):
-        """Every node's part at position ``p`` through ``M`` [rows, d_model] (node descriptors
-        and vectors [P, rows]); neurons through ``M W_outᵀ`` per layer."""
-        kinds, layers, index, names, vecs = [], [], [], [], []
+    def _catalog(self) -> None:
+        """The nodes at a position, in one order: ``(kind, layer, index, name)`` descriptors and
+        where each part comes from (a residual write, or a layer's block of neurons)."""
+        desc: list[tuple[str, int, int, str]] = []
+        src: list[tuple[str, Any]] = []
+        L = self.form.layer
+        attn_sum: dict[int, Tensor] = {}
         for label, kind, w in self.write_parts:
-            wp = w.expand(self.n, -1)[p]
+            w = w.expand(self.n, -1)
             if kind == "head" and not self.heads:
-                continue  # summed into the layer's attention node below
+                layer = _layer_of(label)
+                attn_sum[layer] = attn_sum.get(layer, 0) + w
+                continue
             if kind == "mlp" and self.neurons:
                 layer = int(label[1:].split(".")[0])
-                post = self.cache[f"blocks.{layer}.mlp.hook_post"][0, p]
-                Wn = self._neuron_writes(layer, p)  # [d_mlp, d_model]
-                vecs.append(post[:, None] * (Wn @ M.T))
-                kinds += ["neuron"] * len(post)
-                layers += [layer] * len(post)
-                index += list(range(len(post)))
-                names += [""] * len(post)
+                d_mlp = int(self.model.cfg.d_mlp)
+                desc += [("neuron", layer, i, "") for i in range(d_mlp)]
+                src.append(("neurons", layer))
                 continue
-            kinds.append(kind)
-            layers.append(_layer_of(label))
-            index.append(_index_of(label))
-            names.append(label)
-            vecs.append((wp @ M.T)[None])
-        if not self.heads:
-            L = self.form.layer
-            for layer in range(L):
-                total = sum((w.expand(self.n, -1)[p] for lab, kind, w in self.write_parts
-                             if kind == "head" and _layer_of(lab) == layer),
-                            torch.zeros_like(self.resid[p]))
-                kinds.append("attn")
-                layers.append(layer)
-                index.append(-1)
-                names.append(f"L{layer}.attn")
-                vecs.append((total @ M.T)[None])
-        return kinds, layers, index, names, torch.cat(vecs)
+            desc.append((kind, _layer_of(label), _index_of(label), label))
+            src.append(("write", w))
+        for layer in range(L) if not self.heads else ():
+            desc.append(("attn", layer, -1, f"L{layer}.attn"))
+            src.append(("write", attn_sum.get(layer, torch.zeros_like(self.resid))))
+        self.desc, self.src = desc, src
+        self._neuron_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
-    def _neuron_writes(self, layer: int, p: int) -> Tensor:
-        block = self.model.blocks[layer]
-        W_out = block.mlp.W_out.detach()
-        post_m = _post_norm(block, self.cache, layer, "ln2", (0, p))
-        return post_m(W_out.to(self.resid.dtype))
+    def _neurons(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """(``post_norm`` without its scale applied to ``W_out`` [d_mlp, d_model], the post norm's
+        frozen scale per position [n] or None): a neuron's write at ``p`` is
+        ``post[p, n] · W[n] / scale[p]``."""
+        if layer not in self._neuron_cache:
+            block = self.model.blocks[layer]
+            unscaled, scale = post_norm_parts(block, self.cache, layer, "ln2")
+            W = block.mlp.W_out.detach().to(self.resid.dtype)
+            if unscaled is not None:
+                W, scale = unscaled(W), scale[0, :self.n, 0]
+            self._neuron_cache[layer] = (W, scale)
+        return self._neuron_cache[layer]
+
+    def _post(self, layer: int, p: int) -> Tensor:
+        post = self.cache[f"blocks.{layer}.mlp.hook_post"][0, p]
+        W, scale = self._neurons(layer)
+        return post if scale is None else post / scale[p]
+
+    def _marginals(self, p: int, g: Tensor) -> Tensor:
+        """Every node's part at ``p`` dotted with ``g`` [d_model] (catalog order)."""
+        out = []
+        for kind, x in self.src:
+            if kind == "write":
+                out.append((x[p] @ g)[None])
+            else:
+                W, _ = self._neurons(x)
+                out.append(self._post(x, p) * (W @ g))
+        return torch.cat(out)
+
+    def _vectors(self, p: int, M: Tensor, idx: list[int] | None = None) -> Tensor:
+        """Nodes' parts at ``p`` through ``M`` [rows, d_model] ([P, rows]; only ``idx``)."""
+        if idx is not None:
+            out = []
+            starts = self._starts()
+            for i in idx:
+                j = max(k for k, st in enumerate(starts) if st <= i)
+                kind, x = self.src[j]
+                if kind == "write":
+                    out.append(x[p] @ M.T)
+                else:
+                    W, _ = self._neurons(x)
+                    n_i = i - starts[j]
+                    out.append(self._post(x, p)[n_i] * (W[n_i] @ M.T))
+            return torch.stack(out) if out else M.new_zeros(0, M.shape[0])
+        out = []
+        for kind, x in self.src:
+            if kind == "write":
+                out.append((x[p] @ M.T)[None])
+            else:
+                W, _ = self._neurons(x)
+                out.append(self._post(x, p)[:, None] * (W @ M.T))
+        return torch.cat(out)
+
+    def _starts(self) -> list[int]:
+        if not hasattr(self, "_start_list"):
+            starts, at = [], 0
+            for kind, _ in self.src:
+                starts.append(at)
+                at += int(self.model.cfg.d_mlp) if kind == "neurons" else 1
+            self._start_list = starts
+        return self._start_list
+
+    def _parts(self, p: int, values: Tensor, consts: dict[str, Tensor]) -> Parts:
+        kinds = [d[0] for d in self.desc]
+        return Parts(kinds + [_const_kind(o) for o in consts],
+                     [d[1] for d in self.desc] + [self.form.layer] * len(consts),
+                     [p if d[0] != "bias" else -1 for d in self.desc] + [-1] * len(consts),
+                     [d[2] for d in self.desc] + [-1] * len(consts),
+                     [d[3] for d in self.desc] + [_origin_name(o) for o in consts],
+                     torch.cat([values, torch.stack(list(consts.values()))]) if consts
+                     else values)
 
     def q_parts(self, head: int) -> Parts:
         f = self.form
-        M = self.Mq.reshape(f.n_heads, f.d_head, -1)[head]  # [d, d_model]
-        kinds, layers, index, names, V = self._node_vectors(M, self.t)
-        pos = [self.t if k not in ("bias",) else -1 for k in kinds]
-        for o, c in self.q_const.items():
-            kinds.append("bias" if o != "hook_pos_embed" else "pos_embed")
-            layers.append(f.layer)
-            pos.append(-1)
-            index.append(-1)
-            names.append(_origin_name(o))
-            V = torch.cat([V, c[head][None]])
-        return Parts(kinds, layers, pos, index, names, V)
+        if not hasattr(self, "_q_all"):  # every head at once: [P, heads·d]
+            self._q_all = self._vectors(self.t, self.Mq)
+        V = self._q_all.reshape(-1, f.n_heads, f.d_head)[:, head]
+        return self._parts(self.t, V, {o: c[head] for o, c in self.q_const.items()})
 
     def k_parts(self, head: int, s: int, gate: Tensor, top: int) -> tuple[Parts, Parts]:
         """(the ``top`` key-side parts at key ``s`` by |marginal| and one exact rest part,
@@ -174,20 +232,23 @@ class NodeSides:
         f = self.form
         kv = f.kv_head(head)
         M = self.Mk[s].reshape(f.n_kv, f.d_head, -1)[kv]  # [d, d_model]
-        kinds, layers, index, names, V = self._node_vectors(M, s)
-        pos = [s if k != "bias" else -1 for k in kinds]
-        for o, c in self.k_const.items():
-            kinds.append("bias" if o != "hook_pos_embed" else "pos_embed")
-            layers.append(f.layer)
-            pos.append(-1)
-            index.append(-1)
-            names.append(_origin_name(o))
-            V = torch.cat([V, c[s, kv][None]])
-        marg = gate * (V @ self.q_actual[head])
-        full = Parts(kinds, layers, pos, index, names, marg)
-        keep = marg.abs().topk(min(top, len(marg))).indices.tolist()
+        qg = gate * self.q_actual[head]
+        marg = self._marginals(s, M.T @ qg)
+        consts = {o: c[s, kv] for o, c in self.k_const.items()}
+        full = self._parts(s, marg, {o: c @ qg for o, c in consts.items()})
+        keep = full.vectors.abs().topk(min(top, len(full))).indices.tolist()
         kept = full.subset(keep)
-        kept.vectors = V[keep]
+        n_nodes = len(self.desc)
+        vecs = self._vectors(s, M, [i for i in keep if i < n_nodes])
+        cv = [consts[o] for o in consts]
+        rows, vi = [], 0
+        for i in keep:
+            if i < n_nodes:
+                rows.append(vecs[vi])
+                vi += 1
+            else:
+                rows.append(cv[i - n_nodes])
+        kept.vectors = torch.stack(rows)
         rest = self.k_actual[s, kv] - kept.vectors.sum(0)
         kept.kind.append("rest")
         kept.layer.append(-1)
@@ -214,6 +275,10 @@ class NodeSides:
             meta={"form": f.how, "q_hook": f.q_hook, "k_hook": f.k_hook,
                   "nodes": ("heads" if self.heads else "attn") + "+"
                   + ("neurons" if self.neurons else "mlp")})
+
+
+def _const_kind(o: str) -> str:
+    return "pos_embed" if o == "hook_pos_embed" else "bias"
 
 
 class _Failed:

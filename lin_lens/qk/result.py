@@ -140,12 +140,14 @@ class QKAttribution:
 
     @property
     def relative_error(self) -> float:
-        """The largest of: ‖score − Σ pairs − bias‖/‖score‖, the same with the complete
-        k-marginals (nodes), and each side's parts against the q and k the model computed."""
-        recon = self.pairs().sum((-1, -2)) + self.bias
-        errs = [relative_error(self.scores, recon),
-                relative_error(self.q, self.q_parts.vectors.sum(0)),
-                relative_error(self.k, torch.stack([p.vectors.sum(0) for p in self.k_parts]))]
+        """The largest of: ‖score − Σ pairs − bias‖/‖score‖ (``Σ_ab pairs = gate · Σ_a q_a ·
+        Σ_b k_b``), the same with the complete k-marginals (nodes), and each side's parts
+        against the q and k the model computed."""
+        qsum = self.q_parts.vectors.sum(0)
+        ksum = torch.stack([p.vectors.sum(0) for p in self.k_parts])
+        recon = self.gate * (ksum @ qsum) + self.bias  # Σ_ab pairs, by bilinearity
+        errs = [relative_error(self.scores, recon), relative_error(self.q, qsum),
+                relative_error(self.k, ksum)]
         if self.k_marginal_all is not None:
             total = torch.stack([p.vectors.sum() for p in self.k_marginal_all]) + self.bias
             errs.append(relative_error(self.scores, total))
