@@ -43,6 +43,12 @@ HAS_HOOKED = HookedTransformer is not None
 HAS_BRIDGE = TransformerBridge is not None
 
 
+try:  # architectures whose ln1/ln2 normalise a sublayer's output (OLMo 2/3)
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+except ImportError:  # pragma: no cover - older TransformerLens
+    POST_NORM_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo3ForCausalLM"}
+
+
 def hooked_config_class() -> Any:
     """``HookedTransformerConfig`` (TransformerLens ≤ 3.x; None on 4.x)."""
     if not HAS_HOOKED:

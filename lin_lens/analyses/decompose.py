@@ -27,7 +27,7 @@ from torch import Tensor
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import nonzero_bias
+from lin_lens._tl import POST_NORM_ARCHITECTURES, nonzero_bias
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decoding import norm_params
 from lin_lens.errors import (
@@ -164,20 +164,32 @@ def _post_norm(block: Any, cache: Any, layer: int, which: str, at: tuple):
 
 
 def post_norm_parts(block: Any, cache: Any, layer: int, which: str):
-    """A post-attention/-MLP norm (Gemma) as ``(unscaled, scale)``: ``norm(v) =
-    unscaled(v) / scale[…]`` with the frozen ``scale`` ``[batch, pos, 1]`` of the cache and
-    ``unscaled`` linear (centring for LayerNorm, the weight); ``(None, None)`` where there is
-    no such norm (or an Identity)."""
-    ln = getattr(block, f"{which}_post", None)
-    if ln is None or not hasattr(ln, "hook_scale"):  # none, or an Identity (no normalization)
+    """The norms a sublayer's output passes before the residual add, as ``(unscaled, scale)``:
+    ``norms(v) = unscaled(v) / scale[…]`` with the frozen ``scale`` ``[batch, pos, 1]`` of the
+    cache and ``unscaled`` linear (centring for LayerNorm, the weight). ``which`` is ``"ln1"``
+    (attention) or ``"ln2"`` (MLP): Gemma's ``ln1_post``/``ln2_post``, and for post-norm blocks
+    (OLMo 2/3) ``ln1``/``ln2`` themselves. ``(None, None)`` where there are none (or
+    Identities)."""
+    mods = [(f"{which}_post", getattr(block, f"{which}_post", None))]
+    arch = str(getattr(getattr(block, "cfg", None), "original_architecture", "") or "")
+    if arch in POST_NORM_ARCHITECTURES:
+        mods.append((which, getattr(block, which, None)))
+    mods = [(n, m) for n, m in mods if m is not None and hasattr(m, "hook_scale")]
+    if not mods:
         return None, None
-    scale = cache[f"blocks.{layer}.{which}_post.hook_scale"]
-    w, _ = norm_params(ln)
-    center = _centers(block.cfg if hasattr(block, "cfg") else None, ln)
+    scale = None
+    fns = []
+    for name, ln in mods:
+        s = cache[f"blocks.{layer}.{name}.hook_scale"]
+        scale = s if scale is None else scale * s  # each scale divides; weights are linear
+        w, _ = norm_params(ln)
+        fns.append((_centers(block.cfg if hasattr(block, "cfg") else None, ln), w))
 
     def unscaled(v: Tensor) -> Tensor:
-        v = v - v.mean(-1, keepdim=True) if center else v
-        return v * w.detach() if w is not None else v
+        for center, w in fns:
+            v = v - v.mean(-1, keepdim=True) if center else v
+            v = v * w.detach() if w is not None else v
+        return v
 
     return unscaled, scale
 

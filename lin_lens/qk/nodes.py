@@ -60,7 +60,7 @@ class NodeSides:
     def _cache(self, tokens: Tensor) -> None:
         L, model = self.form.layer, self.model
         leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
-                  "_post.hook_scale", f"blocks.{L}.hook_resid_pre")
+                  "hook_scale", f"blocks.{L}.hook_resid_pre")
         wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
             not h.startswith("blocks.") or int(h.split(".")[1]) <= L)]
         names = set(wanted) | {canonical(model, h) for h in wanted}

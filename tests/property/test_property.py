@@ -153,7 +153,8 @@ def _bridge(arch: str, dtype: torch.dtype):
     with no_warnings():
         m = tiny_bridge(arch, dtype)
         with torch.no_grad():  # the Bridge wires capture hooks on its first forward pass
-            m(torch.tensor([[1, 2, 3]]))
+            m(torch.tensor([[1, 2, 3]]))  # and on its first run_with_cache (QK reads one)
+            m.run_with_cache(torch.tensor([[1, 2, 3]]))
     m.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda t, hook: None)
     return m
 
@@ -242,6 +243,18 @@ def check_case(case) -> None:
         atol = jtol if case["kind"] == "hooked" else 1e-4  # Bridge: value path switches (item 7)
         assert e_a <= atol, f"act differs from the reference by {e_a:.2e} | {what}"
     assert not state_diff(clean, model_state(m)), desc
+
+    # 3. why heads attend: the last layer's scores split exactly, or a refusal naming why
+    try:
+        qk = lin_lens.qk_attributions(m, tokens, [n_layers - 1])
+    except _refusals() as e:
+        assert str(e) and "not frozen" not in str(e), f"QK refusal without a cause: {e} | {desc}"
+    except lin_lens.NotExactError as e:
+        pytest.fail(f"QK attribution not exact: {e} | {desc}")
+    else:
+        worst = max(a.relative_error for a in qk)
+        assert worst <= _bound(dtype), f"QK relative_error {worst} | {desc}"
+    assert not state_diff(clean, model_state(m)), f"QK changed the model | {desc}"
 
 
 @SETTINGS
