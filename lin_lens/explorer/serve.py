@@ -145,13 +145,13 @@ class Pages:
 
     def view(self, rel: str) -> str:
         p = self.path(rel)
+        if p.is_dir() and not (p / MANIFEST).is_file():
+            raise InvalidArgumentError(f"{rel!r} is a folder but not a corpus run")
         stamp = (p / MANIFEST).stat().st_mtime if p.is_dir() else p.stat().st_mtime
         return self._cached(("view", str(p), stamp), lambda: self._view(p, rel))
 
     def _view(self, p: Path, rel: str) -> str:
         if p.is_dir():
-            if not (p / MANIFEST).is_file():
-                raise InvalidArgumentError(f"{rel!r} is a folder but not a corpus run")
             from lin_lens.explorer.corpus import corpus_page, row_key
 
             return corpus_page(p, link=lambda r: f"/run/{quote(rel)}/{row_key(r)}",

@@ -43,15 +43,16 @@ var LL = window.LL = window.LL || {};
   }
 
   LL.graphView = function (root, data, state) {
-    var t0 = performance.now(), G = LL.buildGraph(data), L = LL.layout(G);
+    var t0 = performance.now(), G = LL.buildGraph(data), L = null;
     LL.timings.build_ms = performance.now() - t0;
-    var meta = G.meta, view = {G: G, L: L, data: data, pinned: new Set(), selected: -1,
+    var meta = G.meta, view = {G: G, L: null, data: data, pinned: new Set(), selected: -1,
       hover: -1, matches: [], paths: null, t: d3.zoomIdentity, nodeThreshold: null,
       edgeThreshold: null, subgraphOnly: false, pruneVersion: 0};
     (state.pinned || []).forEach(function (id) { if (G.idIndex.has(id)) view.pinned.add(G.idIndex.get(id)); });
 
     root.className = "ll";
-    var target = (meta.target || []).join(", ");
+    var target = (meta.target || []).slice(0, 2).join(", ") +
+      ((meta.target || []).length > 2 ? " … (" + meta.target.length + " targets)" : "");
     LL.header(root, document.title, LL.metaLine([
       ["source", meta.source === "lin_lens" ? "lin_lens (exact)" : meta.source],
       ["model", meta.model || meta.scan], ["target", target],
@@ -200,10 +201,15 @@ var LL = window.LL = window.LL || {};
         subgraph_only: view.subgraphOnly};
     }
 
-    var zoom = d3.zoom().scaleExtent([0.01, 60]).on("zoom", function (ev) { view.t = ev.transform; schedule(true); });
+    var zoom = d3.zoom().scaleExtent([0.01, 60]).on("zoom", function (ev) {
+      view.t = ev.transform;
+      if (ev.sourceEvent) view.moved = true;  /* the reader moved it: keep it on resizes */
+      schedule(true);
+    });
     var sel = d3.select(over).call(zoom).on("dblclick.zoom", null);
     view.center = function (i) {
       var k = Math.max(view.t.k, 1);
+      view.moved = true;
       sel.call(zoom.transform, d3.zoomIdentity.translate(W / 2 - L.X[i] * k, H / 2 - L.Y[i] * k).scale(k));
     };
     function fit() {
@@ -274,13 +280,16 @@ var LL = window.LL = window.LL || {};
       var size = canvasBox.clientWidth + "x" + canvasBox.clientHeight;
       if (size === lastSize) return;
       lastSize = size;
-      resize(); schedule(false);
+      resize();
+      if (!view.moved && L) fit();
+      schedule(false);
     }
     if (window.ResizeObserver) new ResizeObserver(onResize).observe(canvasBox);
     else window.addEventListener("resize", onResize);
 
     resize();
     lastSize = canvasBox.clientWidth + "x" + canvasBox.clientHeight;
+    L = view.L = LL.layout(G, Math.max(W - 78, 100) / Math.max(H - 34, 100));
     subBox.checked = !!state.subgraph_only;
     view.subgraphOnly = !!state.subgraph_only;
     showPins();
@@ -291,6 +300,9 @@ var LL = window.LL = window.LL || {};
     drawBase(false); drawOverlay();
     LL.timings.first_draw_ms = performance.now() - t0;
     LL.timings.first_render_ms = performance.now();
+    requestAnimationFrame(function () {  /* the frame that shows the first drawing */
+      setTimeout(function () { LL.timings.first_frame_ms = performance.now(); }, 0);
+    });
 
     window.llExplorer = {view: view, timings: LL.timings,
       indexOf: function (key) { var i = G.label.indexOf(key); return i >= 0 ? i : (G.idIndex.has(key) ? G.idIndex.get(key) : -1); },
@@ -298,6 +310,8 @@ var LL = window.LL = window.LL || {};
       shown: function () { return {nodes: Number(count.getAttribute("data-nodes")), edges: Number(count.getAttribute("data-edges"))}; },
       prune: function (nt, et) { var s = LL.prune.prune(G, nt, et), c = 0; for (var i = 0; i < G.n; i++) c += s.node[i]; return c; },
       center: function (i) { view.center(i); drawBase(false); drawOverlay(); },
+      draw: function (interactive) {
+        var t = performance.now(); drawBase(!!interactive); drawOverlay(); return performance.now() - t; },
       state: currentState, ready: true};
     return view;
   };

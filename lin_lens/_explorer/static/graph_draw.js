@@ -6,10 +6,12 @@
 var LL = window.LL = window.LL || {};
 (function (LL) {
   "use strict";
-  var S = 11, PADX = 8, PADY = 7, MIN_COL = 84, MAX_PER_LINE = 24, MIN_ROW = 26;
+  var S = 11, PADX = 8, PADY = 7, MIN_COL = 84, MIN_ROW = 26;
   var LEFT = 78, BOTTOM = 34, NBINS = 6, INTERACTIVE_EDGES = 25000;
 
-  LL.layout = function (G) {
+  /* aspect: the wanted width / height of the whole layout (the canvas's): a crowded cell
+     wraps onto more lines, at the width per column that brings the layout closest to it. */
+  LL.layout = function (G, aspect) {
     var P = Math.max(G.meta.tokens.length, 1), i, rows = [];
     for (i = 0; i < G.n; i++) { if (G.pos[i] >= P) P = G.pos[i] + 1; rows.push(G.row[i]); }
     var levels = Array.from(new Set(rows)).sort(function (a, b) { return a - b; });
@@ -22,39 +24,46 @@ var LL = window.LL = window.LL || {};
     }
     var maxAt = new Int32Array(P);
     cells.forEach(function (list, key) {
-      var p = key % P;
       list.sort(function (a, b) {
         var x = G.cum[a], y = G.cum[b];
         if (isNaN(x) !== isNaN(y)) return isNaN(x) ? 1 : -1;
         return (x - y) || (Math.abs(G.value[b]) - Math.abs(G.value[a])) || (a - b);
       });
-      maxAt[p] = Math.max(maxAt[p], list.length);
+      maxAt[key % P] = Math.max(maxAt[key % P], list.length);
     });
-    var perLine = new Int32Array(P), colX = new Float64Array(P + 1), lines = new Int32Array(R);
-    for (var p = 0; p < P; p++) {
-      perLine[p] = Math.max(1, Math.min(MAX_PER_LINE, maxAt[p]));
-      colX[p + 1] = colX[p] + Math.max(MIN_COL, perLine[p] * S + 2 * PADX);
+    function grid(cap) {
+      var perLine = new Int32Array(P), colX = new Float64Array(P + 1), lines = new Int32Array(R);
+      for (var p = 0; p < P; p++) {
+        perLine[p] = Math.max(1, Math.min(cap, maxAt[p]));
+        colX[p + 1] = colX[p] + Math.max(MIN_COL, perLine[p] * S + 2 * PADX);
+      }
+      cells.forEach(function (list, key) {
+        var r = Math.floor(key / P);
+        lines[r] = Math.max(lines[r], Math.ceil(list.length / perLine[key % P]));
+      });
+      var rowTop = new Float64Array(R), rowH = new Float64Array(R), y = 0;
+      for (var r = R - 1; r >= 0; r--) {  /* targets on top */
+        rowH[r] = Math.max(MIN_ROW, lines[r] * S + 2 * PADY);
+        rowTop[r] = y;
+        y += rowH[r];
+      }
+      return {perLine: perLine, colX: colX, rowTop: rowTop, rowH: rowH, width: colX[P], height: y};
     }
-    cells.forEach(function (list, key) {
-      var r = Math.floor(key / P), p = key % P;
-      lines[r] = Math.max(lines[r], Math.ceil(list.length / perLine[p]));
+    var best = null, bestScore = Infinity;
+    [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64].forEach(function (cap) {
+      var gr = grid(cap), score = Math.abs(Math.log(gr.width / gr.height / (aspect || 1.6)));
+      if (score < bestScore - 1e-9) { best = gr; bestScore = score; }
     });
-    var rowTop = new Float64Array(R), rowH = new Float64Array(R), y = 0;
-    for (var r = R - 1; r >= 0; r--) {  /* targets on top */
-      rowH[r] = Math.max(MIN_ROW, lines[r] * S + 2 * PADY);
-      rowTop[r] = y;
-      y += rowH[r];
-    }
     var X = new Float64Array(G.n), Y = new Float64Array(G.n);
     cells.forEach(function (list, key) {
-      var r = Math.floor(key / P), p = key % P, per = perLine[p];
+      var r = Math.floor(key / P), p = key % P, per = best.perLine[p];
       list.forEach(function (node, k) {
-        X[node] = colX[p] + PADX + (k % per) * S + S / 2;
-        Y[node] = rowTop[r] + PADY + Math.floor(k / per) * S + S / 2;
+        X[node] = best.colX[p] + PADX + (k % per) * S + S / 2;
+        Y[node] = best.rowTop[r] + PADY + Math.floor(k / per) * S + S / 2;
       });
     });
-    return {X: X, Y: Y, P: P, R: R, levels: levels, colX: colX, rowTop: rowTop, rowH: rowH,
-      width: colX[P], height: y, left: LEFT, bottom: BOTTOM};
+    return {X: X, Y: Y, P: P, R: R, levels: levels, colX: best.colX, rowTop: best.rowTop,
+      rowH: best.rowH, width: best.width, height: best.height, left: LEFT, bottom: BOTTOM};
   };
 
   /* Edge bins for the current pruning state: sign x strength (share of the receiver's
