@@ -102,36 +102,62 @@ def _writes(model: Any, graph: Any) -> tuple[dict[int, Tensor], Any]:
     return out, (cache["ln_final.hook_scale"][0].reshape(-1), Readout.at(model, h).gate)
 
 
+def _check(model: Any, graph: Any) -> None:
+    if graph.meta.get("d_vocab") not in (None, model.cfg.d_vocab) or \
+            graph.meta.get("n_layers") not in (None, model.cfg.n_layers):
+        raise InvalidArgumentError("node_writes: this graph was not built with this model "
+                                   f"({graph.meta.get('model')!r})")
+
+
+def _score_chunks(model: Any, graph: Any, size: int = 256):
+    """``(nodes, scores [d_vocab, len(nodes)])`` for the writing nodes, ``size`` at a time."""
+    vecs, (scale, gate) = _writes(model, graph)
+    nodes = list(vecs)
+    for start in range(0, len(nodes), size):
+        chunk = nodes[start:start + size]
+        cols = torch.stack([vecs[i] / scale[int(graph.pos[i])] for i in chunk], 1)
+        scores = output_logit_directions(model, cols)
+        if gate is not None:
+            scores = scores * gate[[int(graph.pos[i]) for i in chunk]].T.to(scores)
+        yield chunk, scores
+
+
+@exact_matmul()
+def write_scores(model: Any, graph: Any) -> tuple[list[int], Tensor]:
+    """Every writing node's full vocabulary scores: ``(nodes, [d_vocab, len(nodes)])`` (memory
+    ``d_vocab`` × nodes: for a few nodes or a small vocabulary; :func:`node_writes` keeps the
+    top ones)."""
+    _check(model, graph)
+    parts = list(_score_chunks(model, graph))
+    if not parts:
+        return [], torch.zeros(model.cfg.d_vocab, 0)
+    return [i for c, _ in parts for i in c], torch.cat([s for _, s in parts], 1)
+
+
 @exact_matmul()
 def node_writes(model: Any, graph: Any, k: int = 10, *,
                 progress: bool | None = None) -> dict[int, dict]:
     """For every head / attention / neuron / MLP node of ``graph``: the ``k`` tokens whose logits
     its write raises most and the ``k`` it lowers most (the module docstring's reading),
-    ``{node: {"tokens", "ids", "scores", "neg_tokens", "neg_ids", "neg_scores"}}``.
+    ``{node: {"tokens", "ids", "scores", "neg_tokens", "neg_ids", "neg_scores"}}`` (empty lists
+    for a node whose write is exactly zero, e.g. a neuron whose activation is 0).
 
     Stored by :func:`lin_lens.attribution_graph` as ``graph.top_tokens``; shown in the
     explorer's node panel ("what it writes") and exported as the JSON's ``top_tokens``."""
     if k < 1:
         raise InvalidArgumentError(f"k={k!r}: give at least 1 token per node")
-    if graph.meta.get("d_vocab") not in (None, model.cfg.d_vocab) or \
-            graph.meta.get("n_layers") not in (None, model.cfg.n_layers):
-        raise InvalidArgumentError("node_writes: this graph was not built with this model "
-                                   f"({graph.meta.get('model')!r})")
-    vecs, (scale, gate) = _writes(model, graph)
-    if not vecs:
-        return {}
-    nodes = list(vecs)
+    _check(model, graph)
+    n = sum(1 for kind in graph.kinds if kind in WRITERS)
     out: dict[int, dict] = {}
-    bar = progress_bar(len(nodes), "node writes", progress, unit="node")
+    bar = progress_bar(n, "node writes", progress, unit="node")
     try:
-        for start in range(0, len(nodes), 256):  # [d_vocab, 256] scores at a time
-            chunk = nodes[start:start + 256]
-            cols = torch.stack([vecs[i] / scale[int(graph.pos[i])] for i in chunk], 1)
-            scores = output_logit_directions(model, cols)
-            if gate is not None:
-                scores = scores * gate[[int(graph.pos[i]) for i in chunk]].T.to(scores)
+        for chunk, scores in _score_chunks(model, graph):  # [d_vocab, 256] at a time
             for j, i in enumerate(chunk):
-                out[i] = top_tokens(model, scores[:, j], k).to_dict()
+                if bool(scores[:, j].any()):
+                    out[i] = top_tokens(model, scores[:, j], k).to_dict()
+                else:  # an exactly zero write (a neuron at 0): no token to name
+                    out[i] = {f: [] for f in ("tokens", "ids", "scores", "neg_tokens",
+                                              "neg_ids", "neg_scores")}
             bar.update(len(chunk))
     finally:
         bar.close()

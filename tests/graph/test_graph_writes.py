@@ -12,7 +12,7 @@ import torch
 import lin_lens
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.graph import node_writes
-from lin_lens.graph.writes import node_vectors
+from lin_lens.graph.writes import node_vectors, write_scores
 from tests.conftest import BACKENDS, assert_same_state, state
 from tests.graph.graph_cases import TOKENS, full_graph, model
 
@@ -29,7 +29,7 @@ def test_writes_are_the_residual_stream_parts(backend, arch):
     kinds = g.kinds
     assert set(vecs) == {i for i, k in enumerate(kinds) if k in ("head", "neuron")}
     last = f"blocks.{m.cfg.n_layers - 1}.hook_resid_post"
-    for p in range(len(TOKENS)):
+    for p in (0, 3, len(TOKENS) - 1):
         dec = lin_lens.decompose(m, torch.tensor([TOKENS]), hook=last, pos=p)
         mlp: dict[int, torch.Tensor] = {}
         for i in (i for i in vecs if int(g.pos[i]) == p):
@@ -51,7 +51,9 @@ def test_scores_are_the_frozen_readouts_logit_changes(backend, arch):
     last = f"blocks.{m.cfg.n_layers - 1}.hook_resid_post"
     maps = {p: lin_lens.linear_map(m, torch.tensor([TOKENS]), "logits", p, source=last)
             for p in {int(g.pos[i]) for i in vecs}}
-    for i in list(vecs)[::3]:
+    zero = [i for i in vecs if not bool(vecs[i].any())]  # e.g. a GELU neuron at exactly 0
+    assert all(g.top_tokens[i]["tokens"] == [] for i in zero)
+    for i in [i for i in vecs if i not in zero][::3]:
         p = int(g.pos[i])
         scores = maps[p].J[p] @ vecs[i]  # [d_vocab]: the exact readout at p, applied to the write
         tl = g.top_tokens[i]
@@ -60,6 +62,21 @@ def test_scores_are_the_frozen_readouts_logit_changes(backend, arch):
         assert torch.allclose(torch.tensor(tl["scores"], dtype=scores.dtype), top.values,
                               rtol=1e-9, atol=1e-12)
         assert tl["neg_ids"][0] == int(scores.argmin())
+
+
+@pytest.mark.parametrize("backend,arch", WRITE_CASES)
+def test_last_layer_writes_are_their_total_effects(backend, arch):
+    """A last-layer neuron at the target position reaches the logit only directly (a head there
+    also through the MLP after it): its score for the target token is its total effect."""
+    g, m = full_graph(backend, arch), model(backend, arch)
+    nodes, scores = write_scores(m, g)
+    last, t, tok = m.cfg.n_layers - 1, g.target["pos"], g.target["ids"][0]
+    hit = [j for j, i in enumerate(nodes) if int(g.layer[i]) == last and int(g.pos[i]) == t
+           and g.kinds[i] == "neuron"]
+    assert hit
+    for j in hit:
+        assert float(scores[tok, j]) == pytest.approx(float(g.total_effect[nodes[j]]),
+                                                      rel=1e-9, abs=1e-12)
 
 
 def test_whole_layers_and_options(backend):

@@ -65,6 +65,7 @@ var LL = window.LL = window.LL || {};
     var nodeV = el("span", {class: "ll-num"}, "1.00"), edgeV = el("span", {class: "ll-num"}, "1.00");
     var savedTag = el("span", {class: "ll-muted"}, "(as saved)");
     var count = el("span", {class: "ll-count", id: "ll-count"});
+    var drawnNote = el("span", {class: "ll-muted", id: "ll-drawn"});
     var subBox = el("input", {type: "checkbox", id: "ll-subgraph-only"});
     var legend = el("span", {class: "ll-legend"});
     Array.from(new Set(Array.from(G.group))).sort().forEach(function (g) {
@@ -79,7 +80,7 @@ var LL = window.LL = window.LL || {};
       el("label", null, [subBox, "pinned only"]),
       el("button", {id: "ll-save", onclick: function () {
         LL.savePage(currentState(), (meta.slug || "lin_lens_graph") + ".html"); }}, "Save page"),
-      count, legend]));
+      count, drawnNote, legend]));
     var canvasBox = el("div", {class: "ll-canvas"});
     var base = el("canvas", {class: "ll-base"}), over = el("canvas", {class: "ll-over", id: "ll-canvas"});
     var tip = el("div", {class: "ll-tip"});
@@ -105,7 +106,11 @@ var LL = window.LL = window.LL || {};
     }
     function drawBase(interactive) {
       bctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-      LL.drawBase(bctx, G, L, view.shown, view.bins, view.t, W, H, interactive);
+      var drawn = LL.drawBase(bctx, G, L, view.shown, view.bins, view.t, W, H, interactive);
+      if (!interactive) {
+        drawnNote.textContent = drawn >= LL.REST_EDGES ? "(the strongest " +
+          LL.REST_EDGES.toLocaleString("en") + " edges in view drawn; zoom in for more)" : "";
+      }
     }
     function drawOverlay() {
       octx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -115,9 +120,9 @@ var LL = window.LL = window.LL || {};
     var frame = 0, idle = 0;
     function schedule(interactive) {
       if (frame) cancelAnimationFrame(frame);
-      frame = requestAnimationFrame(function () { frame = 0; drawBase(interactive && G.m > 25000); drawOverlay(); });
+      frame = requestAnimationFrame(function () { frame = 0; drawBase(interactive && G.m > LL.MOVING_EDGES); drawOverlay(); });
       clearTimeout(idle);
-      if (interactive && G.m > 25000) idle = setTimeout(function () { drawBase(false); }, 160);
+      if (interactive && G.m > LL.MOVING_EDGES) idle = setTimeout(function () { drawBase(false); }, 160);
     }
     view.redraw = schedule;
 
@@ -310,6 +315,7 @@ var LL = window.LL = window.LL || {};
       shown: function () { return {nodes: Number(count.getAttribute("data-nodes")), edges: Number(count.getAttribute("data-edges"))}; },
       prune: function (nt, et) { var s = LL.prune.prune(G, nt, et), c = 0; for (var i = 0; i < G.n; i++) c += s.node[i]; return c; },
       center: function (i) { view.center(i); drawBase(false); drawOverlay(); },
+      fit: function () { fit(); drawBase(false); drawOverlay(); },
       draw: function (interactive) {
         var t = performance.now(); drawBase(!!interactive); drawOverlay(); return performance.now() - t; },
       state: currentState, ready: true};

@@ -91,7 +91,9 @@ var LL = window.LL = window.LL || {};
       " ", el("button", {onclick: function () { view.center(i); }}, "Center")]));
     var wr = G.writes[String(i)];
     box.appendChild(el("h4", null, "What it writes"));
-    if (wr) {
+    if (wr && !wr[0].length) {
+      box.appendChild(el("div", {class: "ll-muted ll-writes"}, "nothing: its output is exactly zero here"));
+    } else if (wr) {
       var w = el("div", {class: "ll-writes"}, [LL.tokenChips(wr[0], wr[1], false)]);
       if (wr[2] && wr[2].length) w.appendChild(LL.tokenChips(wr[2], wr[3], true));
       w.appendChild(el("div", {class: "ll-muted"}, "logit change per the node's write at its position, through the final norm (frozen) and W_U"));
