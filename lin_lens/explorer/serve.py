@@ -217,6 +217,8 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
             try:
                 if path in ("/", "/index.html"):
                     self._send(200, index_page(root_path))
+                elif path == "/favicon.ico":  # browsers ask; nothing to show
+                    self._send(204, b"", "image/x-icon")
                 elif path.startswith("/view/"):
                     self._send(200, pages.view(path[len("/view/"):]))
                 elif path.startswith("/run/"):

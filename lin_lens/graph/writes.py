@@ -71,7 +71,8 @@ def _writes(model: Any, graph: Any) -> tuple[dict[int, Tensor], Any]:
     if not nodes:
         return {}, None
     layers = {int(graph.layer[i]) for i in nodes}
-    wanted = {"ln_final.hook_scale", "ln_final.hook_normalized"} | {
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    wanted = {"ln_final.hook_scale", "ln_final.hook_normalized", last} | {
         f"blocks.{la}.{h}" for la in layers for h in (
             "attn.hook_z", "mlp.hook_post", "hook_mlp_out", "ln1_post.hook_scale",
             "ln2_post.hook_scale")}
@@ -95,6 +96,9 @@ def _writes(model: Any, graph: Any) -> tuple[dict[int, Tensor], Any]:
             if b is not None:
                 v = v - _post_norm(model, cache, layer, "ln2", p)(b.detach().to(v))
         out[i] = v.detach()
+    if "ln_final.hook_scale" not in cache.cache_dict:  # no final norm: the stream is read as is
+        h = cache[last][0]
+        return out, (h.new_ones(h.shape[0]), Readout.at(model, h).gate)
     w, b = norm_params(model.ln_final)
     h = cache["ln_final.hook_normalized"][0]  # the unembedding's input: the soft cap's gate
     h = h * w.to(h) if w is not None else h

@@ -1,7 +1,8 @@
 """Headless Chromium driven by Selenium for the explorer's tests and benchmark: the system
 Chromium and chromedriver (apt's ``chromium`` / ``chromium-driver``, which ``./dev test``
 installs), never a browser download; the flags of ``tests/test_report.py`` (headless, no
-sandbox, background networking off, a fresh profile, every host name unresolvable).
+sandbox, background networking off, a fresh profile, every host name but 127.0.0.1 (``lin-lens
+serve``) unresolvable).
 
     from tests.explorer.browser import needs_browser, start, open_page, console, requests
 """
@@ -44,7 +45,8 @@ def start(profile: Path, width: int = 1400, height: int = 900) -> Any:
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", f"--user-data-dir={profile}",
-                "--host-resolver-rules=MAP * ~NOTFOUND", f"--window-size={width},{height}"):
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                f"--window-size={width},{height}"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)

@@ -227,3 +227,34 @@ def test_map_and_corpus_pages(clean, tmp_path):
     clean.find_element(By.CSS_SELECTOR, "#ll-corpus-table .ll-prompt-link").click()
     wait(clean, "window.llExplorer && document.getElementById('ll-map-table')")
     assert first.isdigit()
+
+
+def test_served_run_links_to_its_maps(driver, tmp_path):
+    """``lin-lens serve``: index → run → a prompt's map, by clicking links; the only requests
+    go to the local server."""
+    import shutil
+    import threading
+
+    from lin_lens.explorer import make_server
+
+    shutil.copytree(corpus_run(), tmp_path / "runs" / "tiny")
+    server = make_server(tmp_path, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clean = driver
+    console(driver), requests(driver)
+    try:
+        clean.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        clean.find_element(By.LINK_TEXT, "runs/tiny").click()
+        wait(clean, "window.llExplorer && document.getElementById('ll-corpus-table')")
+        links = clean.find_elements(By.CSS_SELECTOR, "#ll-corpus-table .ll-prompt-link")
+        assert len(links) == 4
+        links[0].click()
+        wait(clean, "window.llExplorer && document.getElementById('ll-map-table')")
+        assert "/run/runs/tiny/" in clean.current_url
+        assert len(clean.find_elements(By.CSS_SELECTOR, "#ll-map-table tbody tr")) > 1
+        assert console(driver) == []
+        local = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert all(u.startswith(local) for u in requests(driver))
+    finally:
+        server.shutdown()
+        server.server_close()

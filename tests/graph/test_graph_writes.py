@@ -13,7 +13,7 @@ import lin_lens
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.graph import node_writes
 from lin_lens.graph.writes import node_vectors, write_scores
-from tests.conftest import BACKENDS, assert_same_state, state
+from tests.conftest import BACKENDS, assert_same_state, requires_hooked, state
 from tests.graph.graph_cases import TOKENS, full_graph, model
 
 WRITE_CASES = [pytest.param(b, a, id=f"{b}-{a}") for b in BACKENDS for a in ("gpt2", "gemma")] + [
@@ -107,3 +107,17 @@ def test_refusals(backend):
     other.meta = {**g.meta, "n_layers": 7}
     with pytest.raises(InvalidArgumentError, match="not built with this model"):
         node_writes(m, other)
+
+
+@requires_hooked("a model without a final norm (a cfg override)")
+def test_without_a_final_norm():
+    from lin_lens.testing import tiny_model
+
+    m = tiny_model("gpt2", torch.float64, normalization_type=None)
+    g = lin_lens.attribution_graph(m, TOKENS, prune=False, writes=3)
+    nodes, scores = write_scores(m, g)
+    t, tok = g.target["pos"], g.target["ids"][0]
+    for j, i in enumerate(nodes):
+        if g.kinds[i] == "neuron" and int(g.layer[i]) == m.cfg.n_layers - 1 \
+                and int(g.pos[i]) == t:
+            assert float(scores[tok, j]) == pytest.approx(float(g.total_effect[i]), rel=1e-9)
