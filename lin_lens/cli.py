@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lin_lens.corpus.cli import add_parsers
 
     add_parsers(sub)  # lin-lens corpus / lin-lens compare
+    from lin_lens.explorer.cli import add_parsers as add_explorer
+
+    add_explorer(sub)  # lin-lens serve
     return p
 
 
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "corpus_command"):
         return args.corpus_command(args, parser)
+    if hasattr(args, "explorer_command"):
+        return args.explorer_command(args, parser)
     if args.command == "analyze":
         return analyze_cmd(args, parser)
     parser.error(f"unknown command {args.command!r}")

@@ -25,6 +25,7 @@ from lin_lens.graph import prune as P
 from lin_lens.graph.engine import Attributor
 from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
 from lin_lens.graph.result import AttributionGraph
+from lin_lens.graph.writes import node_writes
 from lin_lens.maps import default_tolerance, to_tokens
 from lin_lens.maps.request import check_hook, is_int_position, positions
 from lin_lens.progress import progress_bar
@@ -51,6 +52,7 @@ def attribution_graph(
     tol: float | None = None,
     progress: bool | None = None,
     prepend_bos: bool | None = None,
+    writes: int = 10,
 ) -> AttributionGraph:
     """The exact attribution graph of ``target`` for one prompt, in detached mode.
 
@@ -90,6 +92,8 @@ def attribution_graph(
             sum of their incoming edges to ``tol`` (default: ``lin_lens.default_tolerance``).
         progress: progress bars (default: only for long loops).
         prepend_bos: passed to ``model.to_tokens`` for text.
+        writes: tokens per node in ``graph.top_tokens``, what each head / neuron node writes
+            decoded through the unembedding (:func:`lin_lens.graph.node_writes`); 0: none.
     """
     t0 = time.perf_counter()
     tokens = to_tokens(model, prompt, prepend_bos)
@@ -127,6 +131,8 @@ def attribution_graph(
         bound = tol if tol is not None else default_tolerance(model_dtype(model))
         if not graph.relative_error <= bound:
             raise NotExactError(graph, bound)
+    if writes:  # for reading the graph (the explorer's panel, the JSON's top_tokens)
+        graph.top_tokens = node_writes(model, graph, writes, progress=progress)
     return graph
 
 

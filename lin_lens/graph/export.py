@@ -12,6 +12,12 @@ the neuron (0 … d_mlp-1), then ``d_mlp`` for a whole MLP, ``d_mlp+1`` for a wh
 ``feature_type`` ("attention head", "mlp neuron"; "attention", "mlp", "bias", "positional
 embedding"): not transcoder features, so the frontend shows their ``clerp`` label instead of
 looking up feature dashboards. ``influence`` is circuit-tracer's cumulative influence share.
+Extra per-node fields (their frontend ignores them; :func:`lin_lens.graph.load_json` reads
+them back): ``label`` (lin_lens's name), ``total_effect``, ``top_tokens`` / ``bottom_tokens``
+(what the node writes, :func:`lin_lens.graph.node_writes`) and ``qk_tracing_results``
+(Neuronpedia's QK field, from ``graph.qk``; contributors that are not kept nodes in a
+top-level ``qk_only_nodes``). ``qParams.pinnedIds``: ``graph.pinned``, else the nodes of the
+strongest paths.
 """
 
 from __future__ import annotations
@@ -88,7 +94,9 @@ def to_json(graph: Any, slug: str | None = None, scan: str | None = None,
             "clerp": _clerp(graph, i, kind),
             "influence": float(graph.cumulative[i]),
             "activation": float(graph.value[i]),
+            "label": graph.labels[i], "total_effect": float(graph.total_effect[i]),
         }
+        node.update(_extras(graph, i))
         if kind in ("embed", "pos_embed"):
             node.update(feature=pos if kind == "embed" else -1 - pos, layer="E",
                         jsNodeId=f"E_{index if kind == 'embed' else -1 - pos}-{pos}",
@@ -110,7 +118,9 @@ def to_json(graph: Any, slug: str | None = None, scan: str | None = None,
              for s, d, x in zip(src.tolist(), dst.tolist(), w, strict=True)]
     label_to_id = dict(zip(graph.labels, ids, strict=True))
     pins: list[str] = []
-    for _, path in graph.top_paths(pinned) if pinned else []:
+    chosen = getattr(graph, "pinned", None)
+    paths = [(0.0, chosen)] if chosen is not None else graph.top_paths(pinned) if pinned else []
+    for _, path in paths:
         pins += [label_to_id[lab] for lab in path if label_to_id[lab] not in pins]
     model = str(graph.meta.get("model", "model"))
     return {
@@ -128,7 +138,26 @@ def to_json(graph: Any, slug: str | None = None, scan: str | None = None,
                     "sg_pos": ""},
         "nodes": nodes,
         "links": links,
+        **({"qk_only_nodes": graph.qk_only_nodes} if getattr(graph, "qk_only_nodes", None)
+           else {}),
     }
+
+
+def _extras(graph: Any, i: int) -> dict:
+    """lin_lens's own per-node fields beyond circuit-tracer's: what the node writes decoded to
+    tokens (``top_tokens`` / ``bottom_tokens``: ``[[token, logit change], …]``) and a head's
+    QK attribution (Neuronpedia's ``qk_tracing_results``)."""
+    out: dict[str, Any] = {}
+    tl = (getattr(graph, "top_tokens", None) or {}).get(i)
+    if tl is not None:
+        out["top_tokens"] = [[t, float(x)] for t, x in zip(tl["tokens"], tl["scores"],
+                                                         strict=True)]
+        out["bottom_tokens"] = [[t, float(x)] for t, x in zip(tl["neg_tokens"], tl["neg_scores"],
+                                                            strict=True)]
+    qk = (getattr(graph, "qk", None) or {}).get(i)
+    if qk is not None:
+        out["qk_tracing_results"] = qk
+    return out
 
 
 def _slug(graph: Any) -> str:

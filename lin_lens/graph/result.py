@@ -34,13 +34,22 @@ class AttributionGraph:
     effect on the objective J over all paths. ``influence``: circuit-tracer's influence on the
     targets; ``cumulative``: its cumulative share (the JSON's ``influence``). ``readouts[i]``: for
     head / attention / MLP nodes, the vector (∂J/∂output) their value reads their output with.
+
+    For reading (the explorer, the JSON file): ``top_tokens[i]``, what node i writes decoded to
+    tokens (:func:`lin_lens.graph.node_writes`: a dict of ``TokenList`` fields; None where not
+    computed); ``qk[i]``, a head's QK attribution in Neuronpedia's ``qk_tracing_results`` form
+    (node ids as in the JSON), with ``qk_only_nodes`` describing contributors that are not kept
+    nodes; ``pinned``, labels of the nodes pinned into the reader's subgraph (None: the
+    strongest paths' nodes).
     """
 
     def __init__(self, *, node_ids: Tensor, kind: Tensor, layer: Tensor, pos: Tensor,
                  index: Tensor, labels: list[str], value: Tensor, total_effect: Tensor,
                  influence: Tensor, cumulative: Tensor, adjacency: Tensor, edge_mask: Tensor,
                  incoming_total: Tensor, readouts: dict[int, Tensor], tokens: Tensor,
-                 str_tokens: list[str], prompt: str, target: dict, meta: dict):
+                 str_tokens: list[str], prompt: str, target: dict, meta: dict,
+                 top_tokens: dict[int, dict] | None = None, qk: dict[int, dict] | None = None,
+                 qk_only_nodes: dict[str, dict] | None = None, pinned: list[str] | None = None):
         self.node_ids, self.kind, self.layer = node_ids, kind, layer
         self.pos, self.index, self.labels = pos, index, labels
         self.value, self.total_effect = value, total_effect
@@ -49,6 +58,8 @@ class AttributionGraph:
         self.readouts, self.tokens = readouts, tokens
         self.str_tokens, self.prompt = str_tokens, prompt
         self.target, self.meta = target, meta
+        self.top_tokens, self.qk, self.qk_only_nodes = top_tokens, qk, qk_only_nodes
+        self.pinned = pinned
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -178,15 +189,49 @@ class AttributionGraph:
 
         return save_json(self, path, slug, **kw)
 
+    def pruned(self, node_threshold: float = 0.8, edge_threshold: float = 0.98
+               ) -> AttributionGraph:
+        """This graph pruned again at other thresholds: circuit-tracer's rule (as
+        :func:`attribution_graph` applies it) on the kept nodes and edges, the rule the
+        explorer's sliders apply in the page (:mod:`lin_lens.graph.reprune`). A new graph;
+        edges, values and influences are this one's, unchanged."""
+        from lin_lens.graph.reprune import pruned_graph
+
+        return pruned_graph(self, node_threshold, edge_threshold)
+
+    def pin(self, *nodes: int | str) -> AttributionGraph:
+        """Pin nodes (labels, JSON ids or indices) into the reader's subgraph, kept in the
+        saved page and the JSON's ``pinnedIds``; returns self."""
+        pins = list(self.pinned or [])
+        for lab in (self.labels[self.index_of(n)] for n in nodes):
+            if lab not in pins:
+                pins.append(lab)
+        self.pinned = pins
+        return self
+
+    def to_sparse(self) -> Any:
+        """The kept nodes and edges as edge lists (:class:`lin_lens.graph.SparseGraph`)."""
+        from lin_lens.graph.sparse import SparseGraph
+
+        return SparseGraph.from_graph(self)
+
     def to_html(self, **kw: Any) -> str:
+        """The explorer, one self-contained page (:func:`lin_lens.graph.view.graph_page`)."""
         from lin_lens.graph.view import graph_page
 
         return graph_page(self, **kw)
 
     def save_html(self, path: str | Path, **kw: Any) -> Path:
+        """Write :meth:`to_html` to ``path``: it works from ``file://``, with no network."""
         path = Path(path)
         path.write_text(self.to_html(**kw), encoding="utf-8")
         return path
+
+    def show(self, **kw: Any) -> Path | None:
+        """Open the explorer: in a notebook as the cell's output, elsewhere in the browser."""
+        from lin_lens.graph.view import show
+
+        return show(self, **kw)
 
     def _repr_html_(self) -> str:
         from lin_lens.graph.view import graph_fragment
@@ -224,8 +269,9 @@ class AttributionGraph:
             raise InvalidArgumentError(
                 f"{str(path)!r} has format version {version!r}; this lin_lens reads up to "
                 f"{FORMAT_VERSION}: upgrade lin_lens")
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        missing = known - d.keys()
+        params = inspect.signature(cls.__init__).parameters
+        known = set(params) - {"self"}
+        missing = {k for k in known if params[k].default is inspect.Parameter.empty} - d.keys()
         if missing:
             raise InvalidArgumentError(f"{str(path)!r} lacks the fields {sorted(missing)}")
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,13 +1,11 @@
 """Export and display: circuit-tracer's graph file (schema re-declared here from their published
 ``frontend/graph_models.py``; lin_lens does not depend on circuit-tracer), save / load / to, and
-the offline HTML view (rendered in headless Chromium when the machine has it)."""
+the explorer page (driven in headless Chromium by tests/explorer)."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -150,35 +148,17 @@ def test_load_refuses_a_later_format_version(tmp_path):
 
 
 def test_html_view_is_self_contained(tmp_path):
+    """The explorer page (tests/explorer drives it in Chromium): the graph's data, the
+    vendored d3 modules and their licence inlined, nothing loaded from the network."""
     g = pruned_graph("bridge", "gpt2")
     page = g.to_html()
-    assert "<svg" in page and "<script>" in page
-    assert not re.search(r"https?://|<script[^>]+src|<link|@import|url\(", page)
-    assert page.count('class="n"') == g.n_nodes
+    assert not re.search(r"<script[^>]+src|<link|@import|url\(|fetch\(|XMLHttpRequest", page)
+    assert page.count('<script type="application/json" id="ll-data">') == 1
+    data = json.loads(re.search(r'id="ll-data">(.*?)</script>', page, re.S).group(1))
+    assert data["kind"] == "graph" and data["nodes"]["label"] == g.labels
+    assert data["nodes"]["n"] == g.n_nodes and data["edges"]["m"] == g.n_edges
+    assert "d3-zoom" in page and "Permission to use, copy, modify" in page
     frag = g._repr_html_()
-    assert frag.startswith('<div class="llg"') and "</script>" in frag
-    small = g.to_html(max_nodes=10, max_edges=5)
-    assert small.count('class="n"') <= 10 + 0 and small.count('class="e"') <= 5
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine")
-def test_html_view_renders_in_chromium(tmp_path):
-    g = pruned_graph("bridge", "gpt2")
+    assert frag.startswith("<iframe srcdoc=") and "&lt;script" in frag
     path = g.save_html(tmp_path / "graph.html")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--allow-file-access-from-files"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", path.as_uri()], capture_output=True,
-                         text=True, timeout=120).stdout
-    assert 'data-ready="1"' in dom  # the script ran
-    assert dom.count("<circle") == g.n_nodes
-    png = tmp_path / "graph.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={png}", "--window-size=900,600",
-                    path.as_uri()], capture_output=True, timeout=120)
-    from matplotlib.image import imread
-
-    img = imread(png)
-    assert img.shape[0] == 600 and len(torch.unique(torch.as_tensor(img[..., :3]).reshape(-1, 3),
-                                                    dim=0)) > 20  # drawn, not blank
+    assert path.read_text(encoding="utf-8") == page
