@@ -234,3 +234,22 @@ def requires_grad(params: dict[str, Tensor] | Sequence[Tensor], value: bool) -> 
         yield
     finally:
         finish(done)
+
+
+@contextlib.contextmanager
+def zeroed(param: Tensor) -> Iterator[None]:
+    """Zero a parameter for the block (an ablation); its values restored after, also on
+    KeyboardInterrupt (and by :func:`lin_lens.reset` after a call that never finished)."""
+    saved = param.detach().clone()
+
+    def undo() -> None:
+        with torch.no_grad():
+            param.copy_(saved)
+
+    done = pending(undo)
+    try:
+        with torch.no_grad():
+            param.zero_()
+        yield
+    finally:
+        finish(done)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._hooks import HookSet
+from lin_lens._hooks import HookSet, zeroed
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, unique_hooks
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
@@ -121,7 +121,7 @@ class _Run:
             if hook != LOGITS:
                 hs.add(hook, self._read, prepend=read_before_cut(model, hook))
             if self._zero is not None and self._zero[0] == "param":
-                stack.enter_context(_zeroed(model, self._zero[1][0]))
+                stack.enter_context(zeroed(dict(model.named_parameters())[self._zero[1][0]]))
             logits = model(tokens, return_type="logits")
         self.T = graph.target_values(logits if hook == LOGITS else self.act)
 
@@ -245,16 +245,3 @@ def _native_norm(model: Any, scale_hook: str) -> bool:
     norm = model.get_submodule(scale_hook.rsplit(".", 1)[0])
     return bool(getattr(norm, "use_native_layernorm_autograd", False) or getattr(
         getattr(norm, "config", None), "layer_norm_folding", False))
-
-
-@contextlib.contextmanager
-def _zeroed(model: Any, name: str):
-    p = dict(model.named_parameters())[name]
-    saved = p.detach().clone()
-    try:
-        with torch.no_grad():
-            p.zero_()
-        yield
-    finally:
-        with torch.no_grad():
-            p.copy_(saved)

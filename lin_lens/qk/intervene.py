@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._hooks import HookSet
+from lin_lens._hooks import HookSet, zeroed
 from lin_lens._precision import exact_matmul
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import detached
@@ -163,15 +163,8 @@ def _removed(model: Any, att: QKAttribution, kp: Any, b: int, key: int):
     """The ordinary model with key-side part ``b`` removed."""
     kind, layer, pos, index = kp.kind[b], kp.layer[b], kp.pos[b], kp.index[b]
     if kind in ("bias",):
-        p = _param(model, kp.name[b])
-        saved = p.detach().clone()
-        try:
-            with torch.no_grad():
-                p.zero_()
+        with zeroed(_param(model, kp.name[b])):
             yield
-        finally:
-            with torch.no_grad():
-                p.copy_(saved)
         return
     where = {"token": ("hook_embed", (0, pos)), "embed": ("hook_embed", (0, pos)),
              "pos_embed": ("hook_pos_embed", (0, slice(None)) if pos < 0 else (0, pos)),
