@@ -24,6 +24,7 @@ from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactErr
 from lin_lens.graph import prune as P
 from lin_lens.graph.engine import Attributor
 from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
+from lin_lens.graph.qk import attach_qk
 from lin_lens.graph.result import AttributionGraph
 from lin_lens.graph.writes import node_writes
 from lin_lens.maps import default_tolerance, to_tokens
@@ -53,6 +54,9 @@ def attribution_graph(
     progress: bool | None = None,
     prepend_bos: bool | None = None,
     writes: int = 10,
+    qk: bool = False,
+    qk_keys: int = 1,
+    qk_top: int = 10,
 ) -> AttributionGraph:
     """The exact attribution graph of ``target`` for one prompt, in detached mode.
 
@@ -94,6 +98,9 @@ def attribution_graph(
         prepend_bos: passed to ``model.to_tokens`` for text.
         writes: tokens per node in ``graph.top_tokens``, what each head / neuron node writes
             decoded through the unembedding (:func:`lin_lens.graph.node_writes`); 0: none.
+        qk: also explain why each kept head attends where it does (``graph.qk``, Neuronpedia's
+            ``qk_tracing_results`` per head node: :func:`lin_lens.graph.qk.attach_qk`), at its
+            ``qk_keys`` most attended keys with ``qk_top`` contributors per list.
     """
     t0 = time.perf_counter()
     tokens = to_tokens(model, prompt, prepend_bos)
@@ -133,6 +140,10 @@ def attribution_graph(
             raise NotExactError(graph, bound)
     if writes:  # for reading the graph (the explorer's panel, the JSON's top_tokens)
         graph.top_tokens = node_writes(model, graph, writes, progress=progress)
+    if qk:
+        t_qk = time.perf_counter()
+        attach_qk(model, graph, keys=qk_keys, top=qk_top, progress=progress)
+        graph.meta["qk_seconds"] = round(time.perf_counter() - t_qk, 3)
     return graph
 
 

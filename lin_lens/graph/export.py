@@ -39,21 +39,23 @@ def _slot(graph: Any, kind: str, index: int) -> int:
             "bias": d_mlp + 2 + n_heads + index}[kind]
 
 
+def node_id(graph: Any, kind: str, layer: int, pos: int, index: int) -> str:
+    """circuit-tracer's id of a node of this graph's kinds (``index``: the token id of an
+    embedding or logit, the head, neuron or bias ordinal; a bias is drawn at the target)."""
+    if kind == "embed":
+        return f"E_{index}_{pos}"
+    if kind == "pos_embed":
+        return f"E_{-1 - pos}_{pos}"
+    if kind == "target":
+        return f"{graph.meta['n_layers'] + 1}_{index}_{pos}"
+    ctx = pos if pos >= 0 else int(graph.target["pos"])
+    return f"{layer}_{_slot(graph, kind, index)}_{ctx}"
+
+
 def json_node_ids(graph: Any) -> list[str]:
     """circuit-tracer node ids of the kept nodes, in graph order."""
-    out = []
-    n_layers = graph.meta["n_layers"]
-    for i, kind in enumerate(graph.kinds):
-        layer, pos, index = int(graph.layer[i]), int(graph.pos[i]), int(graph.index[i])
-        if kind == "embed":
-            out.append(f"E_{index}_{pos}")
-        elif kind == "pos_embed":
-            out.append(f"E_{-1 - pos}_{pos}")
-        elif kind == "target":
-            out.append(f"{n_layers + 1}_{index}_{pos}")
-        else:
-            out.append(f"{layer}_{_slot(graph, kind, index)}_{_ctx(graph, i)}")
-    return out
+    return [node_id(graph, kind, int(graph.layer[i]), int(graph.pos[i]), int(graph.index[i]))
+            for i, kind in enumerate(graph.kinds)]
 
 
 def _ctx(graph: Any, i: int) -> int:

@@ -98,7 +98,8 @@ def qk_attributions(model: Any, prompt: str | Sequence[int] | Tensor,
     else:
         from lin_lens.qk.nodes import node_sides
 
-        sides = {L: node_sides(model, tokens, forms[L], t, nodes) for L in layers}  # type: ignore[misc]
+        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes)  # type: ignore[misc]
+                 for L in layers}
     out = QKResults()
     for L in layers:
         for h in heads:
@@ -106,7 +107,7 @@ def qk_attributions(model: Any, prompt: str | Sequence[int] | Tensor,
             if by == "tokens":
                 att = _attribution(forms[L], sides[L], L, h, t, ks, by, strs, tokens)
             else:
-                att = sides[L].attribution(h, ks, top, strs, tokens)
+                att = sides[L].attribution(h, t, ks, top, strs, tokens)
             if check:
                 bound = tol if tol is not None else default_tolerance(model_dtype(model))
                 if not att.relative_error <= bound:

@@ -43,14 +43,14 @@ class NodeSides:
     ``heads``/``neurons`` choose the node kinds (else whole attention layers / MLPs), as
     :func:`lin_lens.attribution_graph` does."""
 
-    def __init__(self, model: Any, tokens: Tensor, form: ScoreForm, t: int,
+    def __init__(self, model: Any, tokens: Tensor, form: ScoreForm, n: int,
                  nodes: Sequence[str]):
         nodes = (nodes,) if isinstance(nodes, str) else tuple(nodes)
         if not nodes or set(nodes) - {"heads", "neurons"}:
             raise InvalidArgumentError(f"nodes={nodes!r}: give 'heads' and/or 'neurons'")
-        self.model, self.form, self.t = model, form, t
+        self.model, self.form = model, form
         self.heads, self.neurons = "heads" in nodes, "neurons" in nodes
-        self.n = t + 1
+        self.n = n  # positions read: every query asked about is below n
         self._cache(tokens)
         self._paths(tokens)
         self._writes(self.n)
@@ -99,10 +99,11 @@ class NodeSides:
             if f.rotate is not None:
                 q, k = f.rotate(q, "q"), f.rotate(k, "k")
             dq, dk = f.n_heads * f.d_head, f.n_kv * f.d_head
-            eye_q = torch.zeros(dq, self.n, dq, dtype=q.dtype, device=q.device)
-            eye_q[torch.arange(dq), self.t, torch.arange(dq)] = 1
+            # a row's cotangent at every position at once: the path is position-local
+            eye_q = torch.eye(dq, dtype=q.dtype, device=q.device)[:, None, :].expand(
+                dq, self.n, dq)
             gq = batched_grad(q.reshape(self.n, dq), cols.x, eye_q)  # [dq, 1, n, d_model]
-            self.Mq = gq[:, 0, self.t]  # [dq, d_model]
+            self.Mq = gq[:, 0].permute(1, 0, 2).contiguous()  # [n, dq, d_model]
             eye_k = torch.eye(dk, dtype=k.dtype, device=k.device)[:, None, :].expand(
                 dk, self.n, dk)
             gk = batched_grad(k.reshape(self.n, dk), cols.x, eye_k)  # [dk, 1, n, d_model]
@@ -116,8 +117,9 @@ class NodeSides:
                 if f.rotate is not None:
                     oq, ok = f.rotate(oq, "q"), f.rotate(ok, "k")
                 if bool(oq.ne(0).any()) or bool(ok.ne(0).any()):
-                    self.q_const[o], self.k_const[o] = oq[self.t], ok
-        self.q_actual, self.k_actual = q.detach()[self.t], k.detach()
+                    self.q_const[o], self.k_const[o] = oq, ok
+        self.q_actual, self.k_actual = q.detach(), k.detach()
+        self._q_all: dict[int, Tensor] = {}
 
     # -- node parts ------------------------------------------------------------------------------
     def _catalog(self) -> None:
@@ -219,20 +221,21 @@ class NodeSides:
                      torch.cat([values, torch.stack(list(consts.values()))]) if consts
                      else values)
 
-    def q_parts(self, head: int) -> Parts:
+    def q_parts(self, head: int, t: int) -> Parts:
         f = self.form
-        if not hasattr(self, "_q_all"):  # every head at once: [P, heads·d]
-            self._q_all = self._vectors(self.t, self.Mq)
-        V = self._q_all.reshape(-1, f.n_heads, f.d_head)[:, head]
-        return self._parts(self.t, V, {o: c[head] for o, c in self.q_const.items()})
+        if t not in self._q_all:  # every head at once: [P, heads·d]
+            self._q_all[t] = self._vectors(t, self.Mq[t])
+        V = self._q_all[t].reshape(-1, f.n_heads, f.d_head)[:, head]
+        return self._parts(t, V, {o: c[t, head] for o, c in self.q_const.items()})
 
-    def k_parts(self, head: int, s: int, gate: Tensor, top: int) -> tuple[Parts, Parts]:
+    def k_parts(self, head: int, t: int, s: int, gate: Tensor, top: int
+                ) -> tuple[Parts, Parts]:
         """(the ``top`` key-side parts at key ``s`` by |marginal| and one exact rest part,
         every key-side part's marginal ``gate · q · k_b(s)``)."""
         f = self.form
         kv = f.kv_head(head)
         M = self.Mk[s].reshape(f.n_kv, f.d_head, -1)[kv]  # [d, d_model]
-        qg = gate * self.q_actual[head]
+        qg = gate * self.q_actual[t, head]
         marg = self._marginals(s, M.T @ qg)
         consts = {o: c[s, kv] for o, c in self.k_const.items()}
         full = self._parts(s, marg, {o: c @ qg for o, c in consts.items()})
@@ -258,13 +261,15 @@ class NodeSides:
         kept.vectors = torch.cat([kept.vectors, rest[None]])
         return kept, full
 
-    def attribution(self, head: int, keys: list[int], top: int, str_tokens: list[str],
+    def attribution(self, head: int, t: int, keys: list[int], top: int, str_tokens: list[str],
                     tokens: Tensor) -> QKAttribution:
-        f, t = self.form, self.t
+        f = self.form
+        if t >= self.n:
+            raise InvalidArgumentError(f"query {t} beyond the {self.n} positions read")
         kv = f.kv_head(head)
         gate = f.gate(head, t, keys)
-        q = self.q_parts(head)
-        ks, alls = zip(*(self.k_parts(head, s, gate[j], top) for j, s in enumerate(keys)),
+        q = self.q_parts(head, t)
+        ks, alls = zip(*(self.k_parts(head, t, s, gate[j], top) for j, s in enumerate(keys)),
                        strict=True)
         return QKAttribution(
             layer=f.layer, head=head, kv_head=kv, query=t, keys=keys, by="nodes", q_parts=q,
@@ -308,13 +313,14 @@ def _origin_name(o: str) -> str:
     return o.replace("._original_component", "").replace("_original_component.", "")
 
 
-def node_sides(model: Any, tokens: Tensor, form: ScoreForm, t: int,
+def node_sides(model: Any, tokens: Tensor, form: ScoreForm, n: int,
                nodes: Sequence[str]) -> NodeSides:
+    """The node parts of layer ``form.layer`` for queries below position ``n``."""
     for h in (f"blocks.{form.layer}.hook_resid_pre",):
         if h not in model.hook_dict:
             raise UnsupportedFeatureError(f"{h}: by='nodes' reads the residual stream there")
     if canonical(model, form.q_hook) == canonical(model, form.k_hook):
         raise UnsupportedFeatureError("queries and keys share one hook")
-    return NodeSides(model, tokens, form, t, nodes)
+    return NodeSides(model, tokens, form, n, nodes)
 
 
