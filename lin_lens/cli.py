@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of resid_post / attn_out / mlp_out operators; slow on real models")
     a.add_argument("--attn-layers", default=None, metavar="LAYERS",
                    help="attention pattern layers to show (comma list; default the last)")
+    a.add_argument("--qk", action="append", default=None, metavar="LAYER.HEAD",
+                   help="also explain why this head attends where it does at the target "
+                        "position (exact QK attribution by tokens; repeatable, e.g. --qk 3.5)")
     a.add_argument("--no-ordinary", action="store_true",
                    help="skip the ordinary Jacobian (halves the time; no comparison in the plot)")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -84,7 +87,19 @@ def _lin_lens_errors() -> tuple[type[BaseException], ...]:
     return (LinLensError, ValueError, IndexError, ImportError, FileNotFoundError)
 
 
+def _heads(values: list[str] | None, parser: argparse.ArgumentParser) -> list[tuple[int, int]]:
+    out = []
+    for v in values or []:
+        try:
+            layer, head = (int(x) for x in v.split("."))
+        except ValueError:
+            parser.error(f"--qk: expected LAYER.HEAD such as 3.5, got {v!r}")
+        out.append((layer, head))
+    return out
+
+
 def analyze_cmd(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    args.qk_heads = _heads(args.qk, parser)
     sweep = _layers(args.sweep, "--sweep", parser)
     attn = _layers(args.attn_layers, "--attn-layers", parser) or None
     if args.no_progress:
@@ -123,7 +138,7 @@ def _run(args: argparse.Namespace, sweep, attn, log) -> dict:
     print(f"loaded {args.model} in {t_load:.1f}s", file=log)
     a = report.analyze(model, args.text, args.hooks, args.pos, ordinary=not args.no_ordinary,
                        sweep=sweep, attn_layers=attn, model_name=args.model,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, qk=args.qk_heads)
     t1 = time.perf_counter()
     path = report.write_report(a, args.out)
     t_write = time.perf_counter() - t1

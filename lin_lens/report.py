@@ -31,6 +31,7 @@ from lin_lens.errors import ArgumentTypeError, InvalidArgumentError
 from lin_lens.maps import to_tokens
 from lin_lens.maps.request import is_int_position, positions
 from lin_lens.progress import progress_bar
+from lin_lens.qk import qk_attributions
 
 DEFAULT_HOOK = "ln_final.hook_normalized"
 
@@ -51,6 +52,7 @@ class Analysis:
     logit_map: Any | None  # map of the predicted token's logit (d_out = 1)
     attention: Any | None  # display.View
     sweep: Any | None = None  # lin_lens.analyses.sweep.LayerSweep
+    qk: dict[str, Any] = field(default_factory=dict)  # "L3H5" → QKAttribution (by tokens)
     timings: dict[str, float] = field(default_factory=dict)
     dtype: str = ""
 
@@ -60,8 +62,11 @@ class Analysis:
 @exact_matmul()
 def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos: int = -1, *,
             ordinary: bool = True, sweep: bool | list[int] = False, attn_layers=None,
-            k: int = 8, model_name: str = "", progress: bool | None = None) -> Analysis:
-    """Everything the report shows, for one prompt and one target position."""
+            k: int = 8, model_name: str = "", progress: bool | None = None,
+            qk: list[tuple[int, int]] | None = None) -> Analysis:
+    """Everything the report shows, for one prompt and one target position. ``qk``: heads
+    ``(layer, head)`` whose scores at that position are explained by tokens
+    (:func:`lin_lens.qk_attribution`)."""
     t0 = time.perf_counter()
     tokens = to_tokens(model, text)
     labels = display.str_tokens(model, tokens)
@@ -97,6 +102,17 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
         layers = None if sweep is True else list(sweep)
         sweep_data = layer_sweep(model, tokens, pos, layers=layers, progress=progress)
         timings["sweep"] = time.perf_counter() - t1
+    qk_res = {}
+    if qk:
+        t1 = time.perf_counter()
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in qk:
+            by_layer.setdefault(layer, []).append(head)
+        for layer, heads in by_layer.items():
+            for att in qk_attributions(model, tokens, [layer], heads, query=at[0],
+                                       progress=progress):
+                qk_res[f"L{att.layer}H{att.head}"] = att
+        timings["qk"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
     ids, probs = pa.prediction.ids[0].tolist(), pa.prediction.probs[0].tolist()
     prediction = [(display.str_tokens(model, torch.tensor([i]))[0], float(p))
@@ -104,8 +120,8 @@ def analyze(model: Any, text: str | Tensor, hooks: list[str] | None = None, pos:
     dtype = str(model_dtype(model)).replace("torch.", "")
     lmap = None if pa.logit_map is None else pa.logit_map.at(0)
     return Analysis(text if isinstance(text, str) else "".join(labels), model_name, tokens[0].cpu(),
-                    labels, at[0], prediction, one, spectra, lmap, attn, sweep_data, timings,
-                    dtype)
+                    labels, at[0], prediction, one, spectra, lmap, attn, sweep_data, qk_res,
+                    timings, dtype)
 
 
 def _decoded_tokens(r: HookAnalysis, side: str, n_tokens: int) -> list[list[str]] | None:
@@ -150,6 +166,8 @@ def summary(a: Analysis, n_tokens: int = 5) -> dict:
             "constant": float(a.logit_map.constant[0]),
             "relative_error": a.logit_map.relative_error,
         }
+    if a.qk:
+        out["qk"] = {name: att.to_dict(k=5) for name, att in a.qk.items()}
     if a.sweep is not None:
         out["sweep"] = {"layers": a.sweep.layers, "stable_rank_stacked": {
             k: [round(float(x), 3) for x in v] for k, v in a.sweep.stacked_stable_rank.items()},
@@ -186,6 +204,13 @@ def format_summary(s: dict) -> str:
         lines.append(f"logit of {p['token']!r} = {p['logit']:.4f} = Σ token contributions + "
                      f"constant {p['constant']:.4f}; largest: "
                      + ", ".join(f"{t!r} {v:+.3f}" for t, v in top))
+    for name, q in s.get("qk", {}).items():
+        pairs = "; ".join(f"{a} × {b} {v:+.3g}"
+                          for a, b, _, v in q["top_pairs_most_attended"][:3])
+        key = q["most attended key"]
+        lines.append(f"{name} attends from {s['position']} to {key} ({s['tokens'][key]!r}, "
+                     f"p={q['pattern there']:.3f}, score {q['score there']:+.3f}, relative "
+                     f"error {q['relative error']:.1e}); top pairs there: {pairs}")
     if "sweep" in s:
         sw = s["sweep"]
         lines.append("layer sweep, stacked stable rank per layer " + str(sw["layers"]) + ":")
@@ -280,6 +305,17 @@ def render_report(a: Analysis) -> str:
         if samples:
             views.append(display.topk_view(samples, "Layer", "", max_k=5))
             body.append("<h3>Top singular vectors per layer, decoded</h3>@@VIEW@@")
+    if a.qk:
+        body.append("<h2>Why heads attend (exact QK attribution)</h2><p class='note'>Each score "
+                    "is split exactly into pairs of a query-side and a key-side part (the input "
+                    "tokens through all paths, and constant origins); the matrix's entries sum "
+                    "to the score minus any position bias.</p>")
+        for name, att in a.qk.items():
+            rows = [(esc(q), esc(kk), key, f"{v:+.4g}") for q, kk, key, v in att.top(8)]
+            body.append(f"<h3>{esc(name)}</h3>" + table(
+                rows, ["query-side part", "key-side part", "key", "pair"],
+                caption=esc(repr(att))) + "@@VIEW@@")
+            views.append(display.qk_view(att, title=""))
     if a.attention is not None:
         attn = display.View([], "")  # the section heading replaces the view's own title
         attn.panels = a.attention.panels

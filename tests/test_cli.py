@@ -94,3 +94,20 @@ def test_smollm2(tmp_path, backend):
     assert d["J_shape"] == [8, 576, 576]
     assert d["relative_error"] < 1e-4 < 0.1 < d["relative_error_ordinary"]
     assert s["predicted_logit"]["logit"] == pytest.approx(9.402, abs=1e-2)
+
+
+def test_qk_heads_are_explained_in_the_summary_and_report(tmp_path, capsys, backend):
+    out = tmp_path / "r.html"
+    rc = cli.main(["analyze", "w1 w2 w3 w1 w2", *_tiny(backend), "--out", str(out), "--json",
+                   "--dtype", "float64", "--qk", "1.0", "--qk", "1.2", "--no-ordinary"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert set(s["qk"]) == {"L1H0", "L1H2"}
+    assert all(q["relative error"] < 1e-12 for q in s["qk"].values())
+    assert "Why heads attend" in out.read_text()
+
+
+def test_qk_argument_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["analyze", "w1", "--qk", "three"])
+    assert "LAYER.HEAD" in capsys.readouterr().err

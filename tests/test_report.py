@@ -36,7 +36,7 @@ def model(backend):
 @pytest.fixture(scope="module")
 def result(model):
     return report.analyze(model, TEXT, ["ln_final.hook_normalized", "blocks.0.hook_resid_post"],
-                          sweep=True, attn_layers=[0, 1], model_name="tiny-gpt2")
+                          sweep=True, attn_layers=[0, 1], model_name="tiny-gpt2", qk=[(1, 2)])
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_report_is_self_contained(html_path):
     ours = h.replace(bundle, "")
     n_calls = ours.count("CircuitsVis.render(")
     # logit tokens, 2 hooks × (contributions + topk), sweep topk, attention (2 layers)
-    assert n_calls == 1 + 2 * 2 + 1 + 2
+    assert n_calls == 1 + 2 * 2 + 1 + 2 + 3  # + one QK head: pairs, scores, pattern
     assert ours.count('<div id="circuits-vis-') == n_calls
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=\"(https?:)?//", ours)
     assert "unpkg" not in ours and "@import" not in ours

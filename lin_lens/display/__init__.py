@@ -5,6 +5,7 @@
 """
 
 from lin_lens.display import plots
+from lin_lens.display.qk import qk_view
 from lin_lens.display.views import (
     View,
     attention_view,
@@ -28,6 +29,7 @@ __all__ = [
     "from_token_lists",
     "page",
     "plots",
+    "qk_view",
     "script",
     "split_render",
     "str_tokens",

@@ -217,6 +217,8 @@ class QKAttribution:
                 "scores": self.scores.tolist(), "pattern": self.pattern.tolist(),
                 "position_bias": self.bias.tolist(),
                 "top_pairs": [list(t) for t in self.top(k)],
+                "top_pairs_most_attended": [list(t) for t in self.top(
+                    k, key=self.keys[int(self.pattern.argmax())])],
                 "top_q_marginals": [list(t) for t in self.top_marginals(k, side="q")],
                 "top_k_marginals": [list(t) for t in self.top_marginals(k, side="k")],
                 "meta": {m: v for m, v in self.meta.items()

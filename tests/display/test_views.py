@@ -126,3 +126,16 @@ def test_contribution_view_default_labels(model):
         f"#{i}" for i in ids]
     lm.meta["str_tokens"] = display.str_tokens(model, lm.tokens)
     assert _props(display.contribution_view(lm).panels[0][1][1])["tokens"][1] == "w1"
+
+
+def test_qk_view_is_the_pair_matrix(model):
+    att = lin_lens.qk_attribution(model, TEXT, 1, 1)
+    v = display.qk_view(att)
+    assert len(v.panels) == 3
+    props = _props(v.panels[0][1][1])
+    key = att.keys[int(att.pattern.argmax())]
+    want = att.pairs(key)
+    assert torch.allclose(torch.tensor(props["attention"], dtype=want.dtype), want.cpu())
+    assert len(props["tokens"]) == len(att.q_parts)
+    with pytest.raises(lin_lens.InvalidArgumentError, match="by='tokens'"):
+        display.qk_view(lin_lens.qk_attribution(model, TEXT, 1, 1, by="nodes"))
