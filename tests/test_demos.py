@@ -16,7 +16,7 @@ pytestmark = cpu_only("the notebooks load their models on the CPU")
 
 DEMOS = sorted((Path(__file__).parent.parent / "demos").glob("*.ipynb"))
 NEEDS_SMOLLM2 = {"01_quickstart.ipynb", "03_layer_sweep.ipynb", "04_steering.ipynb",
-                 "05_attribution_graph.ipynb"}
+                 "05_attribution_graph.ipynb", "07_why_heads_attend.ipynb"}
 
 
 @pytest.mark.slow
