@@ -17,7 +17,7 @@ from typing import Any
 from lin_lens.graph.export import node_id
 from lin_lens.progress import progress_bar
 from lin_lens.qk.form import score_forms
-from lin_lens.qk.nodes import NodeSides
+from lin_lens.qk.nodes import NodeSides, node_cache
 from lin_lens.qk.result import QKAttribution
 
 FEATURE_TYPE = {"embed": "embedding", "pos_embed": "positional embedding",
@@ -40,16 +40,21 @@ def attach_qk(model: Any, graph: Any, *, keys: int = 1, top: int = 10,
     layers = sorted({int(graph.layer[i]) for i in heads})
     forms = score_forms(model, tokens, layers)
     ids = _IdMap(model, graph)
+    cache = node_cache(model, tokens, layers[-1])  # one forward for every layer
     bar = progress_bar(len(heads), "QK attribution of heads", progress, unit="head")
     try:
         for L in layers:
-            sides = NodeSides(model, tokens, forms[L], n, _node_kinds(graph))
-            for i in [i for i in heads if int(graph.layer[i]) == L]:
+            mine = [i for i in heads if int(graph.layer[i]) == L]
+            sides = NodeSides(model, tokens, forms[L], n, _node_kinds(graph), cache=cache,
+                              heads=[int(graph.index[i]) for i in mine])
+            reqs = []
+            for i in mine:
                 h, t = int(graph.index[i]), int(graph.pos[i])
                 seen = forms[L].mask[h, t].nonzero().flatten()
                 order = forms[L].pattern[h, t, seen].argsort(descending=True)[:keys]
-                ks = sorted(seen[order].tolist())
-                att = sides.attribution(h, t, ks, top, graph.str_tokens, tokens)
+                reqs.append((h, t, sorted(seen[order].tolist())))
+            for i, att in zip(mine, sides.attributions(reqs, top, graph.str_tokens, tokens),
+                              strict=True):
                 graph.qk[i] = _neuronpedia(att, ids, top)
                 bar.update()
     finally:
@@ -124,25 +129,25 @@ def _neuronpedia(att: QKAttribution, ids: _IdMap, top: int) -> dict:
 def _lists(att: QKAttribution, ids: _IdMap, top: int, j: int) -> dict:
     pairs = att.pairs(att.keys[j])  # [q parts, k parts]
     kp = att.k_parts[j]
+    mag = pairs.abs()
+    qp = att.q_parts
+    mag[[a for a in range(len(qp)) if qp.kind[a] == "rest"], :] = -1  # not nodes
+    mag[:, [b for b in range(len(kp)) if kp.kind[b] == "rest"]] = -1
     flat = pairs.reshape(-1)
-    order = flat.abs().argsort(descending=True)
     pw = []
-    for i in order.tolist():
+    for i in mag.reshape(-1).topk(min(top, mag.numel())).indices.tolist():
         a, b = divmod(i, pairs.shape[1])
-        if kp.kind[b] == "rest":
-            continue
-        pw.append([ids(att, att.q_parts, a), ids(att, kp, b), float(flat[i])])
-        if len(pw) == top:
-            break
-    qm = att.q_marginal[j]
+        if qp.kind[a] != "rest" and kp.kind[b] != "rest":
+            pw.append([ids(att, qp, a), ids(att, kp, b), float(flat[i])])
+    qparts = att.q_marginal_all[j] if att.q_marginal_all is not None else qp
+    qm = qparts.vectors if att.q_marginal_all is not None else att.q_marginal[j]
     qtop = qm.abs().topk(min(top, len(qm))).indices.tolist()
-    full = att.k_marginal_all[j] if att.k_marginal_all is not None else None
-    km = full.vectors if full is not None else att.k_marginal[j]
-    kparts = full if full is not None else kp
+    kparts = att.k_marginal_all[j] if att.k_marginal_all is not None else kp
+    km = kparts.vectors if att.k_marginal_all is not None else att.k_marginal[j]
     ktop = km.abs().topk(min(top, len(km))).indices.tolist()
     return {"pair_wise_contributors": pw,
-            "top_q_marginal_contributors": [[ids(att, att.q_parts, a), float(qm[a])]
-                                            for a in qtop],
+            "top_q_marginal_contributors": [[ids(att, qparts, a), float(qm[a])]
+                                            for a in qtop if qparts.kind[a] != "rest"],
             "top_k_marginal_contributors": [[ids(att, kparts, b), float(km[b])]
                                             for b in ktop if kparts.kind[b] != "rest"]}
 

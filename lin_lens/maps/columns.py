@@ -63,12 +63,19 @@ class GraphColumns:
         self.sizes = [p.numel() for p in parts]
         self.widths = [self.acts[h][0, 0].numel() for h in hooks]
         y = torch.cat(parts)
+        self.y = y
         self.u0 = torch.zeros_like(y, requires_grad=True)
         self.leaves = {"source": self.x, **fwd.constant_leaves()}
-        grads = torch.autograd.grad(y, list(self.leaves.values()), self.u0, create_graph=True,
-                                    allow_unused=True)
-        self.g = dict(zip(self.leaves, grads, strict=True))
+        self.g: dict[str, Tensor | None] = {}  # built per leaf on first use (create_graph)
         self.chunk = budget.preferred_chunk(self.n)
+
+    def _g(self, name: str) -> Tensor | None:
+        """``∂(u·y)/∂leaf`` with its graph, linear in ``u``; None where the leaf does not
+        reach the targets (autograd then runs nothing)."""
+        if name not in self.g:
+            self.g[name], = torch.autograd.grad(self.y, self.leaves[name], self.u0,
+                                                create_graph=True, allow_unused=True)
+        return self.g[name]
 
     def _split(self, Y: Tensor) -> dict[str, Tensor]:  # [B, ΣY] → {hook: [B, n_t, d]}
         out = {}
@@ -84,7 +91,7 @@ class GraphColumns:
             name, T = origin, self.leaves[origin].detach()[None]
         else:
             name, T = "source", tangent.reshape(-1, *self.x.shape)
-        g = self.g[name]
+        g = self._g(name)
         if g is None or not g.requires_grad:  # the leaf does not reach the targets
             return self._split(self.u0.new_zeros(len(T), self.u0.numel()))
         return self._split(batched_grad(g, self.u0, T, chunk=self.chunk))

@@ -98,20 +98,20 @@ def qk_attributions(model: Any, prompt: str | Sequence[int] | Tensor,
     else:
         from lin_lens.qk.nodes import node_sides
 
-        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes)  # type: ignore[misc]
-                 for L in layers}
+        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes,  # type: ignore[misc]
+                               heads) for L in layers}
     out = QKResults()
+    bound = tol if tol is not None else default_tolerance(model_dtype(model))
     for L in layers:
-        for h in heads:
-            ks = _keys(forms[L], h, t, keys, n)
-            if by == "tokens":
-                att = _attribution(forms[L], sides[L], L, h, t, ks, by, strs, tokens)
-            else:
-                att = sides[L].attribution(h, t, ks, top, strs, tokens)
-            if check:
-                bound = tol if tol is not None else default_tolerance(model_dtype(model))
-                if not att.relative_error <= bound:
-                    raise NotExactError(att, bound)
+        reqs = [(h, t, _keys(forms[L], h, t, keys, n)) for h in heads]
+        if by == "tokens":
+            atts = [_attribution(forms[L], sides[L], L, h, t, ks, by, strs, tokens)
+                    for h, _, ks in reqs]
+        else:
+            atts = sides[L].attributions(reqs, top, strs, tokens)
+        for (h, _, _), att in zip(reqs, atts, strict=True):
+            if check and not att.relative_error <= bound:
+                raise NotExactError(att, bound)
             out.by_head[L, h] = att
     out.seconds = time.perf_counter() - t0
     return out

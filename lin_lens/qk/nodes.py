@@ -15,6 +15,7 @@ per layer: the cost never grows with the number of nodes times ``d_head``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -44,33 +45,22 @@ class NodeSides:
     :func:`lin_lens.attribution_graph` does."""
 
     def __init__(self, model: Any, tokens: Tensor, form: ScoreForm, n: int,
-                 nodes: Sequence[str]):
+                 nodes: Sequence[str], cache: Any = None, heads: Sequence[int] | None = None):
         nodes = (nodes,) if isinstance(nodes, str) else tuple(nodes)
         if not nodes or set(nodes) - {"heads", "neurons"}:
             raise InvalidArgumentError(f"nodes={nodes!r}: give 'heads' and/or 'neurons'")
         self.model, self.form = model, form
         self.heads, self.neurons = "heads" in nodes, "neurons" in nodes
         self.n = n  # positions read: every query asked about is below n
-        self._cache(tokens)
+        self.heads_used = sorted(set(range(form.n_heads) if heads is None else heads))
+        self.cache = cache if cache is not None else node_cache(model, tokens[:, :n],
+                                                                form.layer)
+        self.resid = self.cache[f"blocks.{form.layer}.hook_resid_pre"][0, :n].detach()
         self._paths(tokens)
         self._writes(self.n)
         self._catalog()
 
-    # -- the forward values and the residual writes ---------------------------------------------
-    def _cache(self, tokens: Tensor) -> None:
-        L, model = self.form.layer, self.model
-        leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
-                  "hook_scale", f"blocks.{L}.hook_resid_pre")
-        wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
-            not h.startswith("blocks.") or int(h.split(".")[1]) <= L)]
-        names = set(wanted) | {canonical(model, h) for h in wanted}
-        kw = {"stop_at_layer": L + 1} if L + 1 < int(model.cfg.n_layers) else {}
-        with torch.no_grad(), detached(model):
-            _, cache = model.run_with_cache(tokens[:, :self.n],
-                                            names_filter=lambda n: n in names, **kw)
-        self.cache = cache
-        self.resid = cache[f"blocks.{L}.hook_resid_pre"][0].detach()  # [n, d_model]
-
+    # -- the residual writes ----------------------------------------------------------------------
     def _writes(self, n: int) -> None:
         L, cfg = self.form.layer, self.model.cfg
         at = (0, slice(0, n))
@@ -98,16 +88,11 @@ class NodeSides:
             k = cols.acts[f.k_hook][0].reshape(self.n, f.n_kv, f.d_head)
             if f.rotate is not None:
                 q, k = f.rotate(q, "q"), f.rotate(k, "k")
-            dq, dk = f.n_heads * f.d_head, f.n_kv * f.d_head
-            # a row's cotangent at every position at once: the path is position-local
-            eye_q = torch.eye(dq, dtype=q.dtype, device=q.device)[:, None, :].expand(
-                dq, self.n, dq)
-            gq = batched_grad(q.reshape(self.n, dq), cols.x, eye_q)  # [dq, 1, n, d_model]
-            self.Mq = gq[:, 0].permute(1, 0, 2).contiguous()  # [n, dq, d_model]
-            eye_k = torch.eye(dk, dtype=k.dtype, device=k.device)[:, None, :].expand(
-                dk, self.n, dk)
-            gk = batched_grad(k.reshape(self.n, dk), cols.x, eye_k)  # [dk, 1, n, d_model]
-            self.Mk = gk[:, 0].permute(1, 0, 2).contiguous()  # [n, dk, d_model]
+            # rows of the requested heads only (and their key-value heads), each row's cotangent
+            # at every position at once: the path is position-local
+            self.Mq = self._rows(q, cols.x, self.heads_used)  # {head: [n, d, d_model]}
+            kv_used = sorted({f.kv_head(h) for h in self.heads_used})
+            self.Mk = self._rows(k, cols.x, kv_used)
             self.q_const: dict[str, Tensor] = {}
             self.k_const: dict[str, Tensor] = {}
             for o in cols.origins():
@@ -119,7 +104,16 @@ class NodeSides:
                 if bool(oq.ne(0).any()) or bool(ok.ne(0).any()):
                     self.q_const[o], self.k_const[o] = oq, ok
         self.q_actual, self.k_actual = q.detach(), k.detach()
-        self._q_all: dict[int, Tensor] = {}
+
+    def _rows(self, y: Tensor, x: Tensor, heads: list[int]) -> dict[int, Tensor]:
+        """``{h: ∂y[p, h]/∂x[p]}`` ``[n, d_head, d_model]`` for every position ``p`` at once."""
+        n, H, d = y.shape
+        cot = torch.zeros(len(heads) * d, n, H, d, dtype=y.dtype, device=y.device)
+        for i, h in enumerate(heads):
+            cot[torch.arange(i * d, (i + 1) * d), :, h, torch.arange(d)] = 1
+        g = batched_grad(y, x, cot)[:, 0]  # [rows, n, d_model]
+        return {h: g[i * d:(i + 1) * d].permute(1, 0, 2).contiguous()
+                for i, h in enumerate(heads)}
 
     # -- node parts ------------------------------------------------------------------------------
     def _catalog(self) -> None:
@@ -167,40 +161,46 @@ class NodeSides:
         W, scale = self._neurons(layer)
         return post if scale is None else post / scale[p]
 
-    def _marginals(self, p: int, g: Tensor) -> Tensor:
-        """Every node's part at ``p`` dotted with ``g`` [d_model] (catalog order)."""
-        out = []
-        for kind, x in self.src:
-            if kind == "write":
-                out.append((x[p] @ g)[None])
-            else:
-                W, _ = self._neurons(x)
-                out.append(self._post(x, p) * (W @ g))
-        return torch.cat(out)
-
-    def _vectors(self, p: int, M: Tensor, idx: list[int] | None = None) -> Tensor:
-        """Nodes' parts at ``p`` through ``M`` [rows, d_model] ([P, rows]; only ``idx``)."""
-        if idx is not None:
-            out = []
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Every part's source stacked once: the writes ``[n_w, n, d_model]``, every neuron
+        layer's ``W`` ``[n_neurons, d_model]`` and activations (over the post norm's scale)
+        ``[n, n_neurons]``, and where each lands in the catalog order."""
+        if not hasattr(self, "_stack"):
+            writes, w_at, Ws, posts, n_at = [], [], [], [], []
             starts = self._starts()
-            for i in idx:
-                j = max(k for k, st in enumerate(starts) if st <= i)
-                kind, x = self.src[j]
+            for (kind, x), st in zip(self.src, starts, strict=True):
                 if kind == "write":
-                    out.append(x[p] @ M.T)
+                    writes.append(x)
+                    w_at.append(st)
                 else:
-                    W, _ = self._neurons(x)
-                    n_i = i - starts[j]
-                    out.append(self._post(x, p)[n_i] * (W[n_i] @ M.T))
-            return torch.stack(out) if out else M.new_zeros(0, M.shape[0])
+                    W, scale = self._neurons(x)
+                    post = self.cache[f"blocks.{x}.mlp.hook_post"][0, :self.n]
+                    Ws.append(W)
+                    posts.append(post if scale is None else post / scale[:, None])
+                    n_at.append(torch.arange(st, st + W.shape[0]))
+            like = self.resid
+            self._stack = (
+                torch.stack(writes) if writes else like.new_zeros(0, self.n, like.shape[-1]),
+                torch.tensor(w_at, dtype=torch.long),
+                torch.cat(Ws) if Ws else like.new_zeros(0, like.shape[-1]),
+                torch.cat(posts, -1) if posts else like.new_zeros(self.n, 0),
+                torch.cat(n_at) if n_at else torch.zeros(0, dtype=torch.long))
+        return self._stack
+
+    def _vectors(self, p: int, M: Tensor, idx: list[int]) -> Tensor:
+        """Nodes ``idx``'s parts at ``p`` through ``M`` [rows, d_model]: ``[len(idx), rows]``."""
         out = []
-        for kind, x in self.src:
+        starts = self._starts()
+        for i in idx:
+            j = bisect.bisect_right(starts, i) - 1
+            kind, x = self.src[j]
             if kind == "write":
-                out.append((x[p] @ M.T)[None])
+                out.append(x[p] @ M.T)
             else:
                 W, _ = self._neurons(x)
-                out.append(self._post(x, p)[:, None] * (W @ M.T))
-        return torch.cat(out)
+                n_i = i - starts[j]
+                out.append(self._post(x, p)[n_i] * (W[n_i] @ M.T))
+        return torch.stack(out) if out else M.new_zeros(0, M.shape[0])
 
     def _starts(self) -> list[int]:
         if not hasattr(self, "_start_list"):
@@ -212,38 +212,54 @@ class NodeSides:
         return self._start_list
 
     def _parts(self, p: int, values: Tensor, consts: dict[str, Tensor]) -> Parts:
-        kinds = [d[0] for d in self.desc]
+        if not hasattr(self, "_desc_lists"):  # the same at every position but for ``pos``
+            self._desc_lists = ([d[0] for d in self.desc], [d[1] for d in self.desc],
+                                [d[2] for d in self.desc], [d[3] for d in self.desc],
+                                [d[0] == "bias" for d in self.desc])
+        kinds, layers, index, names, is_bias = self._desc_lists
         return Parts(kinds + [_const_kind(o) for o in consts],
-                     [d[1] for d in self.desc] + [self.form.layer] * len(consts),
-                     [p if d[0] != "bias" else -1 for d in self.desc] + [-1] * len(consts),
-                     [d[2] for d in self.desc] + [-1] * len(consts),
-                     [d[3] for d in self.desc] + [_origin_name(o) for o in consts],
+                     layers + [self.form.layer] * len(consts),
+                     [-1 if b else p for b in is_bias] + [-1] * len(consts),
+                     index + [-1] * len(consts),
+                     names + [_origin_name(o) for o in consts],
                      torch.cat([values, torch.stack(list(consts.values()))]) if consts
                      else values)
 
-    def q_parts(self, head: int, t: int) -> Parts:
-        f = self.form
-        if t not in self._q_all:  # every head at once: [P, heads·d]
-            self._q_all[t] = self._vectors(t, self.Mq[t])
-        V = self._q_all[t].reshape(-1, f.n_heads, f.d_head)[:, head]
-        return self._parts(t, V, {o: c[t, head] for o, c in self.q_const.items()})
+    def _marginals_many(self, jobs: list[tuple[int, Tensor]]) -> list[Tensor]:
+        """:meth:`_marginals` for many ``(position, g)`` at once: one product per position
+        with every ``g`` there as a column (reading ``W`` once per position, not per ``g``)."""
+        writes, w_at, W, post, n_at = self._stacked()
+        by_p: dict[int, list[int]] = {}
+        for i, (p, _) in enumerate(jobs):
+            by_p.setdefault(p, []).append(i)
+        out: list[Tensor] = [torch.empty(0)] * len(jobs)
+        for p, ids in by_p.items():
+            G = torch.stack([jobs[i][1] for i in ids], 1)  # [d_model, m]
+            res = G.new_zeros(len(self.desc), len(ids))
+            res[w_at.to(G.device)] = writes[:, p] @ G
+            res[n_at.to(G.device)] = post[p][:, None] * (W @ G)
+            for c, i in enumerate(ids):
+                out[i] = res[:, c]
+        return out
 
-    def k_parts(self, head: int, t: int, s: int, gate: Tensor, top: int
-                ) -> tuple[Parts, Parts]:
-        """(the ``top`` key-side parts at key ``s`` by |marginal| and one exact rest part,
-        every key-side part's marginal ``gate · q · k_b(s)``)."""
-        f = self.form
-        kv = f.kv_head(head)
-        M = self.Mk[s].reshape(f.n_kv, f.d_head, -1)[kv]  # [d, d_model]
-        qg = gate * self.q_actual[t, head]
-        marg = self._marginals(s, M.T @ qg)
-        consts = {o: c[s, kv] for o, c in self.k_const.items()}
-        full = self._parts(s, marg, {o: c @ qg for o, c in consts.items()})
-        keep = full.vectors.abs().topk(min(top, len(full))).indices.tolist()
-        kept = full.subset(keep)
+    def _side(self, p: int, M: Tensor, us: list[Tensor], margs: list[Tensor],
+              consts: dict[str, Tensor], actual: Tensor, top: int, rest_name: str
+              ) -> tuple[Parts, list[Parts]]:
+        """One side at position ``p`` through ``M`` [d_head, d_model]: every part's marginal
+        ``margs`` along each ``u`` in ``us`` ([d_head]: the other side's vector times the
+        gate), and the vectors of the ``top`` parts by |marginal| along any ``u`` plus one
+        exact rest part."""
+        full = [self._parts(p, m, {o: c @ u for o, c in consts.items()})
+                for u, m in zip(us, margs, strict=True)]
+        keep: list[int] = []
+        for f in full:
+            for i in f.vectors.abs().topk(min(top, len(f))).indices.tolist():
+                if i not in keep:
+                    keep.append(i)
+        kept = full[0].subset(keep)
         n_nodes = len(self.desc)
-        vecs = self._vectors(s, M, [i for i in keep if i < n_nodes])
-        cv = [consts[o] for o in consts]
+        vecs = self._vectors(p, M, [i for i in keep if i < n_nodes])
+        cv = list(consts.values())
         rows, vi = [], 0
         for i in keep:
             if i < n_nodes:
@@ -251,39 +267,82 @@ class NodeSides:
                 vi += 1
             else:
                 rows.append(cv[i - n_nodes])
-        kept.vectors = torch.stack(rows)
-        rest = self.k_actual[s, kv] - kept.vectors.sum(0)
+        kept.vectors = torch.stack(rows) if rows else actual.new_zeros(0, len(actual))
+        rest = actual - kept.vectors.sum(0)
         kept.kind.append("rest")
         kept.layer.append(-1)
-        kept.pos.append(s)
+        kept.pos.append(p)
         kept.index.append(-1)
-        kept.name.append("(other key-side nodes)")
+        kept.name.append(rest_name)
         kept.vectors = torch.cat([kept.vectors, rest[None]])
         return kept, full
 
     def attribution(self, head: int, t: int, keys: list[int], top: int, str_tokens: list[str],
                     tokens: Tensor) -> QKAttribution:
+        return self.attributions([(head, t, keys)], top, str_tokens, tokens)[0]
+
+    def attributions(self, requests: Sequence[tuple[int, int, list[int]]], top: int,
+                     str_tokens: list[str], tokens: Tensor) -> list[QKAttribution]:
+        """One :class:`QKAttribution` per ``(head, query, keys)``, their marginals computed
+        together (one product per position for all of them)."""
         f = self.form
-        if t >= self.n:
-            raise InvalidArgumentError(f"query {t} beyond the {self.n} positions read")
-        kv = f.kv_head(head)
-        gate = f.gate(head, t, keys)
-        q = self.q_parts(head, t)
-        ks, alls = zip(*(self.k_parts(head, t, s, gate[j], top) for j, s in enumerate(keys)),
-                       strict=True)
-        return QKAttribution(
-            layer=f.layer, head=head, kv_head=kv, query=t, keys=keys, by="nodes", q_parts=q,
-            k_parts=list(ks), gate=gate, bias=f.position_bias(head, t, keys),
-            scores=f.scores[head, t, keys], pattern=f.pattern[head, t, keys],
-            q=f.q[t, head], k=f.k[keys, kv], str_tokens=str_tokens,
-            tokens=tokens[0].detach().cpu(), k_marginal_all=list(alls),
-            meta={"form": f.how, "q_hook": f.q_hook, "k_hook": f.k_hook,
-                  "nodes": ("heads" if self.heads else "attn") + "+"
-                  + ("neurons" if self.neurons else "mlp")})
+        plans, jobs = [], []
+        for head, t, keys in requests:
+            if t >= self.n:
+                raise InvalidArgumentError(f"query {t} beyond the {self.n} positions read")
+            if head not in self.Mq:
+                raise InvalidArgumentError(f"head {head} was not among the heads prepared")
+            kv = f.kv_head(head)
+            gate = f.gate(head, t, keys)
+            Mq, q_act = self.Mq[head][t], self.q_actual[t, head]
+            uq = [gate[j] * self.k_actual[s, kv] for j, s in enumerate(keys)]
+            uk = [gate[j] * q_act for j in range(len(keys))]
+            first = len(jobs)
+            jobs += [(t, Mq.T @ u) for u in uq]
+            jobs += [(s, self.Mk[kv][s].T @ u) for s, u in zip(keys, uk, strict=True)]
+            plans.append((head, t, keys, kv, gate, Mq, q_act, uq, uk, first))
+        margs = self._marginals_many(jobs)
+        out = []
+        for head, t, keys, kv, gate, Mq, q_act, uq, uk, first in plans:
+            nk = len(keys)
+            q, q_all = self._side(t, Mq, uq, margs[first:first + nk],
+                                  {o: c[t, head] for o, c in self.q_const.items()}, q_act,
+                                  top, "(other query-side nodes)")
+            ks, k_all = [], []
+            for j, s in enumerate(keys):
+                kept, full = self._side(s, self.Mk[kv][s], [uk[j]], [margs[first + nk + j]],
+                                        {o: c[s, kv] for o, c in self.k_const.items()},
+                                        self.k_actual[s, kv], top, "(other key-side nodes)")
+                ks.append(kept)
+                k_all += full
+            out.append(QKAttribution(
+                layer=f.layer, head=head, kv_head=kv, query=t, keys=keys, by="nodes",
+                q_parts=q, k_parts=ks, gate=gate, bias=f.position_bias(head, t, keys),
+                scores=f.scores[head, t, keys], pattern=f.pattern[head, t, keys],
+                q=f.q[t, head], k=f.k[keys, kv], str_tokens=str_tokens,
+                tokens=tokens[0].detach().cpu(), k_marginal_all=k_all, q_marginal_all=q_all,
+                meta={"form": f.how, "q_hook": f.q_hook, "k_hook": f.k_hook,
+                      "nodes": ("heads" if self.heads else "attn") + "+"
+                      + ("neurons" if self.neurons else "mlp")}))
+        return out
 
 
 def _const_kind(o: str) -> str:
     return "pos_embed" if o == "hook_pos_embed" else "bias"
+
+
+def node_cache(model: Any, tokens: Tensor, last: int) -> Any:
+    """The detached forward values node parts read, for layers up to ``last``: embeddings,
+    every head's ``hook_z``, MLP activations and outputs, norm scales, the residual streams."""
+    leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
+              "hook_scale", "hook_resid_pre")
+    wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
+        not h.startswith("blocks.") or int(h.split(".")[1]) <= last)]
+    names = set(wanted) | {canonical(model, h) for h in wanted}
+    kw = {"stop_at_layer": last + 1} if last + 1 < int(model.cfg.n_layers) else {}
+    with torch.no_grad(), detached(model):
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
+    return cache
 
 
 class _Failed:
@@ -314,13 +373,13 @@ def _origin_name(o: str) -> str:
 
 
 def node_sides(model: Any, tokens: Tensor, form: ScoreForm, n: int,
-               nodes: Sequence[str]) -> NodeSides:
+               nodes: Sequence[str], heads: Sequence[int] | None = None) -> NodeSides:
     """The node parts of layer ``form.layer`` for queries below position ``n``."""
     for h in (f"blocks.{form.layer}.hook_resid_pre",):
         if h not in model.hook_dict:
             raise UnsupportedFeatureError(f"{h}: by='nodes' reads the residual stream there")
     if canonical(model, form.q_hook) == canonical(model, form.k_hook):
         raise UnsupportedFeatureError("queries and keys share one hook")
-    return NodeSides(model, tokens, form, n, nodes)
+    return NodeSides(model, tokens, form, n, nodes, heads=heads)
 
 

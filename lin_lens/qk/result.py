@@ -67,10 +67,10 @@ class QKAttribution:
     the input tokens through all paths and each constant origin (biases, positional
     embeddings), the same on both sides.
     ``by="nodes"``: the nodes of :func:`lin_lens.attribution_graph` (embeddings, heads, neurons or
-    whole MLPs, biases) through their direct path; the query side holds every node at the query
-    position, the key side the ``top`` nodes at each key (by |k-marginal|) and one part
-    ``"(other key-side nodes)"`` holding the rest exactly, while ``k_marginal_all`` keeps every
-    key-side node's marginal.
+    whole MLPs, biases) through their direct path; each side keeps the vectors of its ``top``
+    nodes by |marginal| and one part holding the rest exactly (``"(other query-side nodes)"``,
+    ``"(other key-side nodes)"``), while ``q_marginal_all`` / ``k_marginal_all`` keep every
+    node's marginal per key (their sums are checked against the scores too).
 
     Every sum is checked on access: :attr:`relative_error` compares the scores with the pairs
     (and, for nodes, with the complete marginals), and each side's parts with the query and keys
@@ -81,7 +81,7 @@ class QKAttribution:
                  by: str, q_parts: Parts, k_parts: list[Parts], gate: Tensor, bias: Tensor,
                  scores: Tensor, pattern: Tensor, q: Tensor, k: Tensor, str_tokens: list[str],
                  tokens: Tensor, k_marginal_all: list[Parts] | None = None,
-                 meta: dict | None = None):
+                 q_marginal_all: list[Parts] | None = None, meta: dict | None = None):
         self.layer, self.head, self.kv_head, self.query = layer, head, kv_head, query
         self.keys, self.by = list(keys), by
         self.q_parts, self.k_parts = q_parts, k_parts
@@ -89,6 +89,7 @@ class QKAttribution:
         self.q, self.k = q, k  # [d_head], [n_keys, d_head]: what the model computed
         self.str_tokens, self.tokens = str_tokens, tokens
         self.k_marginal_all = k_marginal_all
+        self.q_marginal_all = q_marginal_all
         self.meta: dict[str, Any] = dict(meta or {})
 
     # -- the decomposition --------------------------------------------------------------------
@@ -148,9 +149,10 @@ class QKAttribution:
         recon = self.gate * (ksum @ qsum) + self.bias  # Σ_ab pairs, by bilinearity
         errs = [relative_error(self.scores, recon), relative_error(self.q, qsum),
                 relative_error(self.k, ksum)]
-        if self.k_marginal_all is not None:
-            total = torch.stack([p.vectors.sum() for p in self.k_marginal_all]) + self.bias
-            errs.append(relative_error(self.scores, total))
+        for alls in (self.k_marginal_all, self.q_marginal_all):
+            if alls is not None:
+                total = torch.stack([p.vectors.sum() for p in alls]) + self.bias
+                errs.append(relative_error(self.scores, total))
         return max(errs)
 
     def difference(self, key: int, other: int) -> dict[str, Any]:
@@ -189,7 +191,10 @@ class QKAttribution:
         cand = []
         for j in js:
             if side == "q":
-                vals, parts = self.q_marginal[j], self.q_parts
+                parts = (self.q_marginal_all[j] if self.q_marginal_all is not None
+                         else self.q_parts)
+                vals = (parts.vectors if self.q_marginal_all is not None
+                        else self.q_marginal[j])
             elif side == "k":
                 parts = (self.k_marginal_all[j] if self.k_marginal_all is not None
                          else self.k_parts[j])
@@ -197,9 +202,9 @@ class QKAttribution:
                         else self.k_marginal[j])
             else:
                 raise InvalidArgumentError(f"side must be 'q' or 'k', got {side!r}")
-            top = vals.abs().topk(min(k, vals.numel())).indices.tolist()
+            top = vals.abs().topk(min(k + 1, vals.numel())).indices.tolist()
             cand += [(parts.label(b, self.str_tokens), self.keys[j], float(vals[b]))
-                     for b in top]
+                     for b in top if parts.kind[b] != "rest"][:k]
         cand.sort(key=lambda c: -abs(c[2]))
         return cand[:k]
 
