@@ -19,6 +19,7 @@ from lin_lens.maps.forward import choose_engine, forward_maps
 from lin_lens.maps.layerwise import layer_maps, transform_hooks
 from lin_lens.maps.matrix_free import TopSingular
 from lin_lens.maps.matrix_free import top_singular as _top_singular
+from lin_lens.maps.per_token import PerTokenTop, per_token_top
 from lin_lens.maps.replay import ReplayUnsupported
 from lin_lens.maps.request import (
     MapRequest,
@@ -194,6 +195,25 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
                            max_memory=max_memory)
     return _top_singular(model, req, k, block=block, tol=tol, vec_tol=vec_tol, guard=guard,
                          max_iter=max_iter, seed=seed)
+
+
+@exact_matmul()
+def top_singular_per_token(model: Any, tokens: Any, hook: str = "ln_final.hook_normalized",
+                           pos: int = -1, *, source: str = "hook_embed", sketch: int = 32,
+                           max_steps: int = 8, tol: float = 1e-3, seed: int = 0,
+                           chunk_size: int | None = None,
+                           progress: bool | None = None, max_memory: Any = None
+                           ) -> PerTokenTop:
+    """The top singular triplet of every source token's operator ``J_i`` at ``hook``/``pos``
+    (the paper's per-token spectrum at long contexts), without forming ``J``: one
+    Golub–Kahan–Lanczos solve per token from a shared sketch, run in lockstep so that every
+    pass serves all tokens (:mod:`lin_lens.maps.per_token`); it stops when every residual
+    ``‖J_iᵀu_i − σ_i v_i‖/σ_i`` is below ``tol`` or after ``max_steps``, and reports them."""
+    if not is_int_position(pos):
+        raise ArgumentTypeError(f"top_singular_per_token takes one int position, got {pos!r}")
+    req = MapRequest.build(model, tokens, hook, pos, source=source, progress=progress,
+                           chunk_size=chunk_size, max_memory=max_memory)
+    return per_token_top(model, req, sketch=sketch, max_steps=max_steps, tol=tol, seed=seed)
 
 
 def _checked(lm: LinearMap, req: MapRequest) -> LinearMap:
