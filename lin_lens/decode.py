@@ -193,7 +193,7 @@ def contributions(lm: Any) -> Contributions:
 
 @dataclass
 class Decoding:
-    """Everything :func:`decode` computes for one target position. Plain data.
+    """Everything :func:`lin_lens.decode` computes for one target position. Plain data.
 
     Per source token i: ``S[i]`` top-k singular values, ``stable_rank[i]``, ``out[i][j]`` /
     ``inp[i][j]`` the decoded j-th output- / input-side singular vector (``None`` where the

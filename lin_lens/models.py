@@ -217,7 +217,7 @@ def load_model(
     """A ready TransformerLens model (with its tokenizer) for a known model, fully offline.
 
     Args:
-        name: one of :data:`MODELS` (``"smollm2-135m"``, ``"gemma3-270m"``).
+        name: one of ``lin_lens.models.MODELS`` (``"smollm2-135m"``, ``"gemma3-270m"``).
         dtype: parameter dtype (float64 for 1e-13-exact maps).
         backend: ``"hooked"`` (``HookedTransformer``, TransformerLens ≤ 3.x) or ``"bridge"``
             (``TransformerBridge``); default: hooked if this TransformerLens has it.

@@ -92,7 +92,7 @@ class Decomposition:
         return grouped(self.labels, self.parts)
 
     def top(self, n: int = 10) -> list[tuple[str, float, float]]:
-        """The ``n`` components with the largest |along|: (label, norm, along)."""
+        """The ``n`` components with the largest ``|along|``: (label, norm, along)."""
         a = self.along()
         idx = a.abs().argsort(descending=True)[:n]
         return [(self.labels[i], float(self.parts[i].norm()), float(a[i])) for i in idx]

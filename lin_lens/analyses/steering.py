@@ -147,7 +147,7 @@ def _run(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: float,
 
 @dataclass
 class SteeringResult:
-    """Measured effect of steering; plain data (see :func:`steer`)."""
+    """Measured effect of steering; plain data (see :func:`lin_lens.steer`)."""
 
     prompt: str
     concept: str

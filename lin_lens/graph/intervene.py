@@ -39,7 +39,7 @@ class Ablation:
 
     @property
     def error(self) -> float:
-        """|frozen − predicted| relative to |predicted| (absolute when it is 0)."""
+        """``|frozen − predicted|`` relative to ``|predicted|`` (absolute when it is 0)."""
         den = abs(self.predicted)
         return abs(self.frozen - self.predicted) / den if den > 0 else abs(self.frozen)
 

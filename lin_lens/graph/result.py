@@ -72,7 +72,7 @@ class AttributionGraph:
 
     @property
     def relative_error(self) -> float:
-        """How far the targets are from the sum of their incoming edges: ‖T − Σ‖ / ‖T‖."""
+        """‖T − Σ‖ / ‖T‖, how far the targets are from the sum of their incoming edges."""
         t = torch.tensor(self.targets)
         return relative_error(self.value[t], self.incoming_total[t])
 
@@ -166,7 +166,7 @@ class AttributionGraph:
 
     # -- interventions, export, display -------------------------------------------------------
     def ablate(self, model: Any, node: int | str, receiver: int | str | None = None):
-        """Zero ``node``'s output and measure the change (see :func:`lin_lens.graph.ablate`)."""
+        """Zero ``node``'s output and measure the change (``lin_lens.graph.intervene.ablate``)."""
         from lin_lens.graph.intervene import ablate
 
         return ablate(model, self, node, receiver)

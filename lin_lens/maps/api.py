@@ -187,7 +187,7 @@ def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: 
                  max_memory: Any = None) -> TopSingular:
     """Top-``k`` singular triplets ``U [d_out, k]``, ``S [k]``, ``V [n_src, d_in, k]`` of the
     detached operator at ``hook``/``pos`` (all source tokens stacked), without forming ``J``;
-    see :func:`lin_lens.maps.matrix_free.top_singular` for the method and stopping rule."""
+    see ``lin_lens.maps.matrix_free.top_singular`` for the method and stopping rule."""
     if not is_int_position(pos):
         raise ArgumentTypeError(f"top_singular takes one int position, got pos={pos!r}")
     req = MapRequest.build(model, tokens, hook, pos, source=source, progress=progress,

@@ -71,7 +71,7 @@ class LinearMap:
 
     @property
     def act(self) -> Tensor:
-        """The model's own activation at the target: ``[d_out]`` or ``[n_tgt, d_out]``."""
+        """The model's own activation at the target, ``[d_out]`` or ``[n_tgt, d_out]``."""
         return self._sq(self.act4)
 
     @property
@@ -145,7 +145,7 @@ class LinearMap:
         return self.J4.shape[1]
 
     def at(self, t: int) -> LinearMap:
-        """The map for one target position (index into :attr:`positions`, negatives allowed)."""
+        """The map for one target position (index into ``positions``, negatives allowed)."""
         k = t % len(self.positions)
         sub = LinearMap(self.J4[k:k + 1], self.x, self.act4[k:k + 1],
                         {o: v[k:k + 1] for o, v in self.constants.items()}, self.hook, self.source,
