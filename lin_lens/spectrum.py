@@ -79,7 +79,7 @@ def stacked_operator(J: Float[Tensor, "... src d_out d_in"]) -> Float[Tensor, ".
 
 
 def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
-        x: Tensor | None = None) -> SVD:
+        x: Float[Tensor, "*src d_in"] | None = None) -> SVD:
     """SVD of a linear map's per-token operators (``[n_src, …]`` batch) or of the stacked one.
 
     Args:
@@ -211,7 +211,7 @@ def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def stable_rank(obj: Any, *, stacked: bool = False,
-                singular_values: bool = False) -> Tensor:
+                singular_values: bool = False) -> Float[Tensor, "*shape"]:
     """Stable rank ``Σ s² / s_max²`` (between 1 and the rank; 0 for a zero matrix).
 
     A :class:`LinearMap` gives one value per source token (``[n_src]``), or one for the stacked

@@ -28,6 +28,7 @@ from lin_lens._html import table
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import nonzero_bias
+from lin_lens._types import Inputs, OutIndex
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decode import norm_params
 from lin_lens.errors import (
@@ -220,8 +221,8 @@ def _unembed_input(model: Any, cache: Any, at: tuple) -> Tensor:
 
 
 @exact_matmul()
-def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
-              out_index: Any = None, operators: bool = False, prepend_bos: bool | None = None,
+def decompose(model: Any, inputs: Inputs, hook: str = "logits", pos: int = -1, *,
+              out_index: OutIndex = None, operators: bool = False, prepend_bos: bool | None = None,
               **kw: Any) -> Decomposition:
     """Exact decomposition of the activation at ``hook`` (one position) into component parts.
 
@@ -324,6 +325,7 @@ def writes(model: Any, cache: Any, at: tuple, layers: list[int],
 def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layers: list[int],
                    n_full: int, P: Tensor | None, **kw: Any) -> None:
     """Fill ``dec.operators`` / ``dec.constants``: each part's own map from ``hook_embed``."""
+    assert dec.x is not None  # set by decompose() before it asks for operators
     n_src, d_model = dec.x.shape
     proj = (lambda J: J) if P is None else (lambda J: torch.einsum("om,...mi->...oi", P, J))
     proj_v = (lambda v: v) if P is None else (lambda v: P @ v)

@@ -109,6 +109,7 @@ def run(
         if engine == "ray":
             from lin_lens.corpus.ray_engine import run_ray
 
+            assert spec is not None  # checked above: engine="ray" needs a spec
             run_ray(spec, todo, settings, store.uri, workers=workers, batch_size=batch_size,
                     address=address, progress=progress, threads=threads)
         else:

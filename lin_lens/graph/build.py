@@ -15,11 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, model_dtype, requires_grad
 from lin_lens._tl import biases as nonzero_biases
+from lin_lens._types import Inputs
 from lin_lens.errors import InvalidArgumentError, NotExactError
 from lin_lens.freeze import detached
 from lin_lens.graph import prune as P
@@ -35,9 +37,9 @@ DENSE_LIMIT = 20_000  # prune=False keeps an [N, N] adjacency: refuse beyond thi
 @exact_matmul()
 def attribution_graph(
     model: Any,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: Inputs,
     *,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: int | Sequence[int] | Int[Tensor, " k"] | Float[Tensor, " d_out"] | None = None,
     pos: int = -1,
     hook: str = LOGITS,
     nodes: Sequence[str] = ("heads", "neurons"),

@@ -71,9 +71,11 @@ class Attributor:
         self.biases = biases
         hooks = node_hooks(model)
         probe = Pass(model, tokens, hooks, hook, cut=False)
-        self.target = resolve_target(target, hook, pos, probe.act, probe.logits, str_token)
-        self.T = self.target.read(probe.act).detach()  # [k]
-        J = (self.target.weights * self.target.read(probe.act)).sum()
+        act = probe.act
+        assert act is not None  # Pass raises when the target hook does not fire
+        self.target = resolve_target(target, hook, pos, act, probe.logits, str_token)
+        self.T = self.target.read(act).detach()  # [k]
+        J = (self.target.weights * self.target.read(act)).sum()
         names = list(probe.leaves) + list(biases)
         grads = torch.autograd.grad(J, [probe.leaves[n] for n in probe.leaves]
                                     + list(biases.values()), allow_unused=True)
@@ -100,6 +102,7 @@ class Attributor:
         self.logits = probe.logits
         del probe, grads, total, J
         self.cut = Pass(model, tokens, [h for h in hooks if h in used], hook, cut=True)
+        assert self.cut.act is not None
         self.T_cut = self.target.read(self.cut.act)  # the target computed from the leaves
         self._inputs = [self.cut.leaves[b.source] for b in self.space.sender_blocks
                         if b.kind != "bias"] + [biases[n] for n in self.space.biases]

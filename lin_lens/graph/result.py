@@ -5,14 +5,18 @@ from __future__ import annotations
 import heapq
 import html
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lin_lens._numeric import relative_error
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, UnknownNodeError
 from lin_lens.graph.nodes import KINDS, SOURCES
+
+if TYPE_CHECKING:  # intervene imports this module
+    from lin_lens.graph.intervene import Ablation
 
 _TENSORS = ("node_ids", "kind", "layer", "pos", "index", "value", "total_effect", "influence",
             "cumulative", "adjacency", "edge_mask", "incoming_total", "tokens")
@@ -35,11 +39,14 @@ class AttributionGraph:
     head / attention / MLP nodes, the vector (∂J/∂output) their value reads their output with.
     """
 
-    def __init__(self, *, node_ids: Tensor, kind: Tensor, layer: Tensor, pos: Tensor,
-                 index: Tensor, labels: list[str], value: Tensor, total_effect: Tensor,
-                 influence: Tensor, cumulative: Tensor, adjacency: Tensor, edge_mask: Tensor,
-                 incoming_total: Tensor, readouts: dict[int, Tensor], tokens: Tensor,
-                 str_tokens: list[str], prompt: str, target: dict, meta: dict):
+    def __init__(self, *, node_ids: Int[Tensor, " K"], kind: Int[Tensor, " K"],
+                 layer: Int[Tensor, " K"], pos: Int[Tensor, " K"], index: Int[Tensor, " K"],
+                 labels: list[str], value: Float[Tensor, " K"], total_effect: Float[Tensor, " K"],
+                 influence: Float[Tensor, " K"], cumulative: Float[Tensor, " K"],
+                 adjacency: Float[Tensor, "K K"], edge_mask: Bool[Tensor, "K K"],
+                 incoming_total: Float[Tensor, " K"], readouts: dict[int, Float[Tensor, " d"]],
+                 tokens: Int[Tensor, " n_src"],
+                 str_tokens: list[str], prompt: str, target: dict[str, Any], meta: dict[str, Any]):
         self.node_ids, self.kind, self.layer = node_ids, kind, layer
         self.pos, self.index, self.labels = pos, index, labels
         self.value, self.total_effect = value, total_effect
@@ -47,7 +54,8 @@ class AttributionGraph:
         self.adjacency, self.edge_mask, self.incoming_total = adjacency, edge_mask, incoming_total
         self.readouts, self.tokens = readouts, tokens
         self.str_tokens, self.prompt = str_tokens, prompt
-        self.target, self.meta = target, meta
+        self.target: dict[str, Any] = target
+        self.meta = meta
 
     # -- basic facts ------------------------------------------------------------------------
     @property
@@ -85,7 +93,7 @@ class AttributionGraph:
             out[k] = relative_error(self.value[idx], self.incoming_total[idx])
         return out
 
-    def target_values(self, act: Tensor) -> Tensor:
+    def target_values(self, act: Float[Tensor, "1 pos *d"]) -> Float[Tensor, " k"]:
         """The targets ``[k]`` read from an activation ``[1, pos, ...]`` at the target hook."""
         row = act[0, self.target["pos"]].reshape(-1)
         if self.target["ids"] is not None:
@@ -165,7 +173,8 @@ class AttributionGraph:
                 for sc, p in heapq.nlargest(k, paths, key=lambda c: c[0])]
 
     # -- interventions, export, display -------------------------------------------------------
-    def ablate(self, model: Any, node: int | str, receiver: int | str | None = None):
+    def ablate(self, model: Any, node: int | str, receiver: int | str | None = None
+               ) -> Ablation:
         """Zero ``node``'s output and measure the change (``lin_lens.graph.intervene.ablate``)."""
         from lin_lens.graph.intervene import ablate
 

@@ -147,6 +147,7 @@ class Replay:
             self.values.setdefault(hook.name, []).append(t.detach())
 
         def rec_pre(t: Tensor, hook: Any) -> None:
+            assert self._gate is not None  # set whenever pre_post is
             self.gates.setdefault(hook.name, []).append(self._gate(t.detach()))
 
         for h in self.freeze:
@@ -231,7 +232,9 @@ class Replay:
 
         def post_for(pre: str):
             def post(t: Tensor, hook: Any) -> Tensor:
-                return self._sliced(pre, self.gates[pre][nth(pre)], start) * seen.pop(pre)
+                g = self._sliced(pre, self.gates[pre][nth(pre)], start)
+                assert g is not None  # None only for q/k-norm values, never a gate
+                return g * seen.pop(pre)
             return post
 
         def unembed_in(module, args) -> None:
