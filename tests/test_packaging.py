@@ -18,6 +18,7 @@ import subprocess
 import sys
 import zipfile
 from email.parser import Parser
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,11 @@ def test_wheel_installs_with_pip_and_runs_the_quickstart(tmp_path):
     if uv_bin:
         run([uv_bin, "venv", "--seed", "--python", sys.executable, str(venv)], env=env)
         run([uv_bin, "pip", "install", "--python", str(py), torch_wheel], env=env)
-        run([uv_bin, "pip", "install", "--python", str(py), *requires], env=env)
+        # the TransformerLens of this env (3.x in .venv/main, 4.x in .venv/tl4): the wheel is
+        # tried on both
+        pin = tmp_path / "constraints.txt"
+        pin.write_text(f"transformer_lens=={metadata.version('transformer_lens')}\n")
+        run([uv_bin, "pip", "install", "--python", str(py), "-c", str(pin), *requires], env=env)
     else:
         run([sys.executable, "-m", "venv", str(venv)], env=env)
         run([str(py), "-m", "pip", "install", "--no-deps", torch_wheel], env=env)
@@ -100,5 +105,8 @@ def test_wheel_installs_with_pip_and_runs_the_quickstart(tmp_path):
     check = ("import importlib.metadata as m, pathlib, lin_lens\n"
              "assert m.version('lin_lens') == lin_lens.__version__\n"
              f"assert pathlib.Path(lin_lens.__file__).is_relative_to({str(venv)!r})\n")
+    if uv_bin:
+        tl = metadata.version("transformer_lens")
+        check += f"assert m.version('transformer_lens') == {tl!r}\n"
     run([str(py), "-c", check + readme_quickstart()], cwd=tmp_path,
         env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LIN_LENS_PROGRESS": "0"})
