@@ -50,8 +50,8 @@ def uv() -> str | None:
 def local_torch() -> str | None:
     """The torch wheel pip's own configuration offers (find-links), if any (as ./dev asks)."""
     for py in (sys.executable, str(Path(sys.base_prefix) / "bin" / "python3")):
-        r = subprocess.run([py, "-m", "pip", "install", "--no-index", "--no-deps", "--dry-run",
-                            "--quiet", "--report", "-", "torch"],
+        r = subprocess.run([py, "-m", "pip", "install", "--no-index", "--no-deps",
+                            "--ignore-installed", "--dry-run", "--quiet", "--report", "-", "torch"],
                            capture_output=True, text=True, timeout=120)
         if r.returncode == 0:
             return json.loads(r.stdout)["install"][0]["download_info"]["url"]
