@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 
-def relative_error(reference: Tensor, approx: Tensor) -> float:
+def relative_error(reference: Tensor | np.ndarray, approx: Tensor | np.ndarray) -> float:
     """``‖reference − approx‖ / ‖reference‖`` in float64 (the absolute error when the reference
     is zero)."""
     ref = torch.as_tensor(reference).reshape(-1).to(torch.float64)

@@ -70,10 +70,14 @@ def official_model_name(name: str) -> str | None:
     """TransformerLens's official (Hugging Face) name for a model name or alias
     (``"gpt2-small"`` → ``"gpt2"``), or None for a name TransformerLens does not list."""
     try:
-        from transformer_lens.supported_models import get_official_model_name  # 4.x
+        from transformer_lens.supported_models import (  # 4.x
+            get_official_model_name,  # pyright: ignore[reportAttributeAccessIssue] (TL 4.x only)
+        )
     except ImportError:
         try:
-            from transformer_lens.loading_from_pretrained import get_official_model_name
+            from transformer_lens.loading_from_pretrained import (  # pyright: ignore[reportMissingImports] (TL 3.x only)
+                get_official_model_name,
+            )
         except ImportError:  # pragma: no cover - neither layout
             return None
     try:

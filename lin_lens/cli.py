@@ -154,7 +154,7 @@ def _offline_by_default() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None and os.environ["HF_HUB_OFFLINE"].strip().lower() not in ("", "0", "false"):
-        hub.HF_HUB_OFFLINE = True
+        setattr(hub, "HF_HUB_OFFLINE", True)  # noqa: B010 - a module constant, read once
 
 
 def main(argv: list[str] | None = None) -> int:

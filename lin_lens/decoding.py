@@ -174,9 +174,9 @@ class Contributions:
     ``constant_along`` it sums to 1 up to the reconstruction error).
     """
 
-    norm: Tensor
-    share: Tensor
-    along: Tensor
+    norm: Float[Tensor, " n_src"]
+    share: Float[Tensor, " n_src"]
+    along: Float[Tensor, " n_src"]
     constant_along: float
 
 
@@ -195,7 +195,7 @@ def contributions(lm: Any) -> Contributions:
 
 @dataclass
 class Decoding:
-    """Everything :func:`decode` computes for one target position. Plain data.
+    """Everything :func:`lin_lens.decode` computes for one target position. Plain data.
 
     Per source token i: ``S[i]`` top-k singular values, ``stable_rank[i]``, ``out[i][j]`` /
     ``inp[i][j]`` the decoded j-th output- / input-side singular vector (``None`` where the
@@ -208,14 +208,14 @@ class Decoding:
     source: str
     position: int
     tokens: list[str]
-    S: Tensor
-    stable_rank: Tensor
+    S: Float[Tensor, "n_src k"]
+    stable_rank: Float[Tensor, " n_src"]
     contrib: Contributions
     out: list[list[TokenList | None]]
     inp: list[list[TokenList | None]]
     cols: list[list[tuple[int, float, TokenList | None]]]
     rows: list[list[tuple[int, float, TokenList | None]]]
-    stacked_S: Tensor
+    stacked_S: Float[Tensor, " k"]
     stacked_stable_rank: float
     stacked_out: list[TokenList | None]
     stacked_in: list[TokenList | None]
@@ -259,7 +259,8 @@ class Decoding:
         def cell(t):
             return " ".join(t.tokens) if t is not None else "–"
 
-        rows = [(i, t, f"{float(self.contrib.norm[i]):.3g}", f"{float(self.contrib.share[i]):.2f}",
+        rows: list[tuple[Any, ...]] = [
+                (i, t, f"{float(self.contrib.norm[i]):.3g}", f"{float(self.contrib.share[i]):.2f}",
                  f"{float(self.stable_rank[i]):.2f}", f"{float(self.S[i, 0]):.3g}",
                  cell(self.out[i][0] if self.out[i] else None),
                  cell(self.inp[i][0] if self.inp[i] else None))

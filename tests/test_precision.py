@@ -132,6 +132,7 @@ def _enter_and_leave():
         pass
 
 
+@pytest.mark.slow  # a traced run per line
 def test_interrupt_at_every_line(tf32_on):
     """A Ctrl-C on any line of the context manager leaves the user's settings as they were
     (except on the statement that starts the clean-up, the one window Python cannot close; see

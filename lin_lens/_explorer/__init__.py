@@ -40,7 +40,7 @@ KINDS = ("graph", "map", "corpus")
 
 @functools.cache
 def _asset(name: str) -> str:
-    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files(__name__).joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 def css() -> str:

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import POST_NORM_ARCHITECTURES, nonzero_bias
+from lin_lens._types import Inputs, OutIndex
 from lin_lens.analyses.heads import W_O, head_operators
 from lin_lens.decoding import norm_params
 from lin_lens.errors import (
@@ -65,13 +66,13 @@ class Decomposition:
     kinds: list[str]
     parts: Float[Tensor, "comp d_out"]
     act: Float[Tensor, " d_out"]
-    tokens: Tensor | None = None
-    x: Tensor | None = None
-    operators: dict[str, Tensor] | None = None
-    constants: dict[str, Tensor] | None = None
+    tokens: Int[Tensor, " n_src"] | None = None
+    x: Float[Tensor, "n_src d_in"] | None = None
+    operators: dict[str, Float[Tensor, "n_src d_out d_in"]] | None = None
+    constants: dict[str, Float[Tensor, " d_out"]] | None = None
     meta: dict = field(default_factory=dict)
 
-    def total(self) -> Tensor:
+    def total(self) -> Float[Tensor, " d_out"]:
         return self.parts.sum(0)
 
     @property
@@ -79,20 +80,20 @@ class Decomposition:
         """‖act − Σ parts‖ / ‖act‖."""
         return relative_error(self.act, self.total())
 
-    def __getitem__(self, label: str) -> Tensor:
+    def __getitem__(self, label: str) -> Float[Tensor, " d_out"]:
         return self.parts[self.labels.index(label)]
 
-    def along(self) -> Tensor:
+    def along(self) -> Float[Tensor, " comp"]:
         """Signed share of each part along the target: ⟨part, act⟩ / ‖act‖² (sums to 1)."""
         return self.parts @ self.act / self.act.dot(self.act)
 
-    def grouped(self) -> tuple[list[str], Tensor]:
+    def grouped(self) -> tuple[list[str], Float[Tensor, "group d_out"]]:
         """Heads + ``b_O`` → ``{L}_attn_out``, MLP + ``b_out`` → ``{L}_mlp_out`` (TL's
         ``decompose_resid`` labels); other components unchanged."""
         return grouped(self.labels, self.parts)
 
     def top(self, n: int = 10) -> list[tuple[str, float, float]]:
-        """The ``n`` components with the largest |along|: (label, norm, along)."""
+        """The ``n`` components with the largest ``|along|``: (label, norm, along)."""
         a = self.along()
         idx = a.abs().argsort(descending=True)[:n]
         return [(self.labels[i], float(self.parts[i].norm()), float(a[i])) for i in idx]
@@ -157,7 +158,7 @@ def _post_norm(block: Any, cache: Any, layer: int, which: str, at: tuple):
     """Frozen post-attention/-MLP norm (Gemma) as a linear function, identity otherwise; its
     scale read at ``cache[...][at]`` (``at = (0, t)``, or ``(rows, targets)`` for a batch)."""
     unscaled, scale = post_norm_parts(block, cache, layer, which)
-    if unscaled is None:
+    if unscaled is None or scale is None:
         return lambda v: v
     s = scale[at]
     return lambda v: unscaled(v) / s
@@ -243,8 +244,8 @@ def _unembed_input(model: Any, cache: Any, at: tuple) -> Tensor:
 
 
 @exact_matmul()
-def decompose(model: Any, inputs: Any, hook: str = "logits", pos: int = -1, *,
-              out_index: Any = None, operators: bool = False, prepend_bos: bool | None = None,
+def decompose(model: Any, inputs: Inputs, hook: str = "logits", pos: int = -1, *,
+              out_index: OutIndex = None, operators: bool = False, prepend_bos: bool | None = None,
               **kw: Any) -> Decomposition:
     """Exact decomposition of the activation at ``hook`` (one position) into component parts.
 
@@ -347,6 +348,7 @@ def writes(model: Any, cache: Any, at: tuple, layers: list[int],
 def _add_operators(model: Any, tokens: Tensor, dec: Decomposition, t: int, layers: list[int],
                    n_full: int, P: Tensor | None, **kw: Any) -> None:
     """Fill ``dec.operators`` / ``dec.constants``: each part's own map from ``hook_embed``."""
+    assert dec.x is not None  # set by decompose() before it asks for operators
     n_src, d_model = dec.x.shape
     proj = (lambda J: J) if P is None else (lambda J: torch.einsum("om,...mi->...oi", P, J))
     proj_v = (lambda v: v) if P is None else (lambda v: P @ v)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
+from lin_lens._types import Inputs, Positions
 from lin_lens.maps import LinearMap, linear_map
 
 
@@ -16,7 +17,7 @@ def W_O(model: Any, layer: int) -> Tensor:
 
 
 @exact_matmul()
-def head_operators(model: Any, inputs: Any, layer: int, pos: Any = -1, *,
+def head_operators(model: Any, inputs: Inputs, layer: int, pos: Positions = -1, *,
                    source: str = "hook_embed", **kw: Any) -> list[LinearMap]:
     """One exact :class:`LinearMap` per head of ``layer``: its output ``z_h W_O[h]`` (TL's
     ``attn.hook_result``, without ``b_O`` and before any post-attention norm).

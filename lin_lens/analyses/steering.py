@@ -39,12 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._hooks import HookSet
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
+from lin_lens._types import Inputs
 from lin_lens.decoding import token_strings
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.maps import linear_map, to_tokens
@@ -58,11 +59,11 @@ class SteeringOperator:
     constant: Float[Tensor, " d"]
     act: Float[Tensor, " d"]
     hook: str
-    concept_tokens: Tensor
+    concept_tokens: Int[Tensor, " n_c"]
     align: Literal["end", "cyclic"] = "end"
     pin_first: bool | None = None  # None: pin when both prompts start with the same token
 
-    def apply(self, x: Float[Tensor, "n d_in"], tokens: Tensor | None = None
+    def apply(self, x: Float[Tensor, "n d_in"], tokens: Int[Tensor, " n"] | None = None
               ) -> Float[Tensor, "n d"]:
         """``s_k`` for every position of a new prompt with inputs ``x``."""
         J = self.J.to(x)  # x's dtype and device
@@ -94,19 +95,21 @@ class SteeringOperator:
 
 
 @exact_matmul()
-def steering_operator(model: Any, concept: Any, layer: int, *, hook: str | None = None,
+def steering_operator(model: Any, concept: Inputs, layer: int, *, hook: str | None = None,
                       align: Literal["end", "cyclic"] = "end", pin_first: bool | None = None,
                       **kw: Any) -> SteeringOperator:
     """The exact operator of ``blocks.{layer}.hook_resid_post`` (or ``hook``) at the concept's last
     position, from the token embeddings. ``kw`` goes to :func:`lin_lens.linear_map`."""
     hook = hook or f"blocks.{layer}.hook_resid_post"
     lm = linear_map(model, concept, hook, -1, **kw)
+    assert lm.tokens is not None  # text or token ids in: the map keeps them
     return SteeringOperator(lm.J.detach(), lm.constant.detach(), lm.act.detach(), hook,
                             lm.tokens, align, pin_first)
 
 
 def steering_hooks(op: SteeringOperator, lam: float, positions: Literal["all", "last"] = "all",
-                   tokens: Tensor | None = None, rescale: bool = False) -> list[tuple[str, Any]]:
+                   tokens: Int[Tensor, "1 pos"] | None = None, rescale: bool = False
+                   ) -> list[tuple[str, Any]]:
     """``(hook name, fn)`` pairs for ``model.hooks(fwd_hooks=...)`` / ``run_with_hooks``: capture
     the token embeddings, then replace the activation at ``op.hook`` by eq. 16. ``tokens`` (the
     input ids) decide BOS pinning; the first token is never steered when pinned. ``rescale``:
@@ -135,7 +138,7 @@ def steering_hooks(op: SteeringOperator, lam: float, positions: Literal["all", "
 
 
 def _run(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: float,
-         positions: str, rescale: bool = False) -> Tensor:
+         positions: Literal["all", "last"], rescale: bool = False) -> Tensor:
     with torch.no_grad():
         if op is None:
             return model(tokens, return_type="logits")
@@ -147,7 +150,7 @@ def _run(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: float,
 
 @dataclass
 class SteeringResult:
-    """Measured effect of steering; plain data (see :func:`steer`)."""
+    """Measured effect of steering; plain data (see :func:`lin_lens.steer`)."""
 
     prompt: str
     concept: str
@@ -190,7 +193,7 @@ class SteeringResult:
 
 
 def _generate(model: Any, tokens: Tensor, op: SteeringOperator | None, lam: float,
-              positions: str, n_new: int, ids: Tensor, rescale: bool = False
+              positions: Literal["all", "last"], n_new: int, ids: Tensor, rescale: bool = False
               ) -> tuple[Tensor, list[float]]:
     p_seq = []
     for _ in range(n_new):

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lin_lens._html import table
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import model_device, model_dtype
+from lin_lens._types import Inputs
 from lin_lens.decoding import TokenList, decode_vectors, token_strings
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, InvalidPositionError
 from lin_lens.maps import LinearMap, budget, layer_transforms, operators_at_hooks, to_tokens
@@ -50,15 +52,15 @@ class LayerSweep:
     position: int
     layers: list[int]
     kinds: list[str]
-    focus: str | int
-    stable_rank: dict[str, Tensor]  # kind → [n_layers, n_src]
-    stacked_stable_rank: dict[str, Tensor]  # kind → [n_layers]
-    S: dict[str, Tensor]  # kind → [n_layers, k]
-    proj_u: dict[str, Tensor]  # kind → [n_layers, 2, 2] |cos(u_l,i, u_final,j)|
-    proj_v: dict[str, Tensor]
+    focus: Literal["stacked"] | int
+    stable_rank: dict[str, Float[Tensor, "n_layers n_src"]]  # by kind
+    stacked_stable_rank: dict[str, Float[Tensor, " n_layers"]]
+    S: dict[str, Float[Tensor, "n_layers k"]]
+    proj_u: dict[str, Float[Tensor, "n_layers 2 2"]]  # |cos(u_l,i, u_final,j)|
+    proj_v: dict[str, Float[Tensor, "n_layers 2 2"]]
     out_tokens: dict[str, list[list[TokenList | None]]]  # kind → layer → k decoded U
     in_tokens: dict[str, list[list[TokenList | None]]]
-    relative_error: dict[str, Tensor]
+    relative_error: dict[str, Float[Tensor, " n_layers"]]
     maps: dict[tuple[str, int], LinearMap] | None = None
     meta: dict = field(default_factory=dict)
 
@@ -116,7 +118,7 @@ class LayerSweep:
         return "".join(out)
 
 
-def _focus_svd(lm: LinearMap, focus: str | int, k: int) -> SVD:
+def _focus_svd(lm: LinearMap, focus: Literal["stacked"] | int, k: int) -> SVD:
     if focus == "stacked":
         return svd(lm, k, stacked=True)
     J = lm.J[focus]
@@ -130,9 +132,9 @@ def _abs_cos(A: Tensor, B: Tensor) -> Tensor:
 
 
 @exact_matmul()
-def layer_sweep(model: Any, inputs: Any, pos: int = -1, *, layers: list[int] | None = None,
-                kinds: tuple[str, ...] = KINDS, focus: str | int = "stacked", k: int = 2,
-                top: int = 5, keep_maps: bool = False, progress: bool | None = None,
+def layer_sweep(model: Any, inputs: Inputs, pos: int = -1, *, layers: list[int] | None = None,
+                kinds: tuple[str, ...] = KINDS, focus: Literal["stacked"] | int = "stacked",
+                k: int = 2, top: int = 5, keep_maps: bool = False, progress: bool | None = None,
                 **kw: Any) -> LayerSweep:
     """Operators of every layer (``layers``, default all; the last layer is always added as the
     reference for projections) for one prompt and position. ``kw`` goes to
@@ -201,7 +203,7 @@ def _layers_per_pass(model: Any, n_tokens: int, max_memory: Any) -> int:
     return max(1, room // max(1, per_layer))
 
 
-def _summarise(model: Any, lm: LinearMap, focus: str | int, k: int) -> dict:
+def _summarise(model: Any, lm: LinearMap, focus: Literal["stacked"] | int, k: int) -> dict:
     """One map's numbers: a top-k SVD (of the Gram matrix, lin_lens.spectrum) and stable ranks
     from ‖J‖_F² and s_max; no full SVD. The vectors to decode are decoded for all maps at once."""
     d_model = model.cfg.d_model

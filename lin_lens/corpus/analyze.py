@@ -113,6 +113,7 @@ def _rows(model: Any, text: str, s: dict[str, Any]) -> list[dict]:
         if r.ordinary is not None:
             row["relative_error_ordinary"] = relative_error(m.act.reshape(-1), r.ordinary[j])
         if decoded:
+            assert r.decodings is not None  # analyze_prompt(decode=True) fills them
             row.update(_decoded(r.decodings[j], s["k"], s["n_decode"]))
         elif "svd" in analyses:
             row.update(_spectra(m, s["k"]))

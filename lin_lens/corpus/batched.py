@@ -25,7 +25,7 @@ from the backward pass itself; they are checked, not masked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,7 +313,8 @@ def _constant(model: Any, tokens: Tensor, mask: Tensor, kw: dict, hook: str, sou
     def grab(t: Tensor, hook: Any) -> None:
         out["act"] = t
 
-    hooks = [(h, dual) for h in origins] + [(source, cut)] + _scrub_hooks(model, mask)
+    hooks: list[tuple[str, Callable[..., Any]]] = [(h, dual) for h in origins] + [(source, cut)]
+    hooks += _scrub_hooks(model, mask)
     if hook != "logits":
         hooks.append((hook, grab))
     with lin_lens.detached(model), fwAD.dual_level(), torch.no_grad(), HookSet(model) as hs:

@@ -200,8 +200,10 @@ def batched_decompose(
     wanted = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
               resid_hook, hook}
     for layer in layers:
+        # the norms before the residual add: Gemma's ln*_post, post-norm blocks' ln1/ln2 (OLMo 2)
         wanted |= {f"blocks.{layer}.{n}" for n in ("attn.hook_z", "hook_mlp_out",
-                                                    "ln1_post.hook_scale", "ln2_post.hook_scale")}
+                                                    "ln1_post.hook_scale", "ln2_post.hook_scale",
+                                                    "ln1.hook_scale", "ln2.hook_scale")}
     kw: dict[str, Any] = {} if bool(mask.all()) else {"attention_mask": mask.long()}
     with torch.no_grad(), detached(model), HookSet(model) as hs:
         for name, fn in _scrub_hooks(model, mask):

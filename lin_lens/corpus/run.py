@@ -166,6 +166,7 @@ def run(model: Any, prompts: str | Path | Iterable[str], out: str | os.PathLike,
         if execution.engine == "ray":
             from lin_lens.corpus.ray_engine import run_ray
 
+            assert spec is not None  # checked above: engine="ray" needs a spec
             run_ray(spec, todo, settings, store.uri, execution)
         else:
             loaded = model

@@ -124,7 +124,9 @@ class Store:
                                  f"{SCHEMA_VERSION}")
             # a prompt is always written whole into one shard; keep its first shard only
             if seen:
-                t = t.filter(pc.invert(pc.is_in(t["prompt_id"], pa.array(sorted(seen)))))
+                keep = pc.invert(pc.is_in(  # pyright: ignore[reportAttributeAccessIssue]
+                    t["prompt_id"], pa.array(sorted(seen))))  # (generated at import: no stubs)
+                t = t.filter(keep)
             seen.update(t["prompt_id"].to_pylist())
             parts.append(t)
         schema = SCHEMA if cols is None else pa.schema([SCHEMA.field(c) for c in cols],

@@ -21,7 +21,8 @@ def qk_view(att: Any, key: int | None = None, title: str | None = None) -> View:
     * the query's score and pattern weight at every explained key, as coloured tokens.
 
     ``by="tokens"`` attributions only (node parts differ between the two sides)."""
-    import circuitsvis as cv
+    from circuitsvis import attention as cv_attention
+    from circuitsvis import tokens as cv_tokens
 
     if att.by != "tokens":
         raise InvalidArgumentError(
@@ -32,7 +33,7 @@ def qk_view(att: Any, key: int | None = None, title: str | None = None) -> View:
     P = att.pairs(key).detach().double().cpu()
     labels = [att.q_parts.label(a, att.str_tokens) for a in range(len(att.q_parts))]
     m = float(P.abs().max()) or 1.0
-    matrix = cv.attention.attention_pattern(tokens=labels, attention=P, max_value=m,
+    matrix = cv_attention.attention_pattern(tokens=labels, attention=P, max_value=m,
                                             min_value=-m, mask_upper_tri=False,
                                             show_axis_labels=True)
     n = len(att.str_tokens)
@@ -41,9 +42,9 @@ def qk_view(att: Any, key: int | None = None, title: str | None = None) -> View:
     scores[att.keys] = att.scores.double().cpu()
     pattern[att.keys] = att.pattern.double().cpu()
     s_max = float(scores.abs().max()) or 1.0
-    row_scores = cv.tokens.colored_tokens(list(att.str_tokens), scores.tolist(),
+    row_scores = cv_tokens.colored_tokens(list(att.str_tokens), scores.tolist(),
                                           min_value=-s_max, max_value=s_max)
-    row_pattern = cv.tokens.colored_tokens(list(att.str_tokens), pattern.tolist(),
+    row_pattern = cv_tokens.colored_tokens(list(att.str_tokens), pattern.tolist(),
                                            min_value=0.0, max_value=1.0)
     top = ", ".join(f"{q} × {k}: {v:+.3g}" for q, k, _, v in att.top(3, key=key))
     head = (f"L{att.layer}H{att.head}, query {att.query} ({att.str_tokens[att.query]!r}) → key "

@@ -123,10 +123,11 @@ def contribution_view(lm: Any, tokens: Sequence[str] | None = None,
     norm ``‖J_i x_i‖``. One panel per target position. ``tokens``: the source tokens' strings
     (default ``lm.meta["str_tokens"]`` if set, else the ids).
     """
-    import circuitsvis as cv
+    from circuitsvis.tokens import colored_tokens
 
     if tokens is None:
         tokens = lm.meta.get("str_tokens") or [f"#{i}" for i in lm.tokens.tolist()]
+    strs = list(tokens or [])
 
     c = lm.contributions()
     c = c[None] if c.ndim == 2 else c  # [t, s, d_out]
@@ -137,12 +138,12 @@ def contribution_view(lm: Any, tokens: Sequence[str] | None = None,
             vals = _np(ck[:, 0])
             m = float(np.abs(vals).max()) or 1.0
             label = f"signed contribution to the output at position {p}"
-            r = cv.tokens.colored_tokens(list(tokens), vals.tolist(), min_value=-m, max_value=m)
+            r = colored_tokens(strs, vals.tolist(), min_value=-m, max_value=m)
         else:
             vals = _np(torch.linalg.vector_norm(ck, dim=-1))
             label = f"‖J_i x_i‖ for the output at position {p}"
-            r = cv.tokens.colored_tokens(list(tokens), vals.tolist(), min_value=0.0,
-                                         max_value=float(vals.max()) or 1.0)
+            r = colored_tokens(strs, vals.tolist(), min_value=0.0,
+                               max_value=float(vals.max()) or 1.0)
         panels.append((label, r))
     return View(panels, title if title is not None else f"Token contributions to {lm.hook}")
 
@@ -155,10 +156,10 @@ def topk_view(decoded: Sequence[dict], first_dimension_name: str = "Source token
     "vocab" (V' strings), "first_labels"}``; the table's columns are singular vectors and its
     rows the vocabulary tokens with the highest (and lowest) scores.
     """
-    import circuitsvis as cv
+    from circuitsvis.topk_tokens import topk_tokens
 
     acts = [np.ascontiguousarray(_np(d["scores"]).transpose(0, 2, 1)) for d in decoded]
-    r = cv.topk_tokens.topk_tokens(
+    r = topk_tokens(
         tokens=[list(d["vocab"]) for d in decoded],
         activations=acts,
         max_k=max_k,
@@ -173,7 +174,7 @@ def topk_view(decoded: Sequence[dict], first_dimension_name: str = "Source token
 def attention_view(model: Any, tokens: Tensor, layers: Sequence[int] | None = None,
                    str_toks: Sequence[str] | None = None) -> View:
     """The attention patterns that detached mode freezes, one panel per layer."""
-    import circuitsvis as cv
+    from circuitsvis.attention import attention_heads
 
     toks = torch.as_tensor(tokens).reshape(1, -1).to(model_device(model))
     n_layers = model.cfg.n_layers
@@ -186,7 +187,7 @@ def attention_view(model: Any, tokens: Tensor, layers: Sequence[int] | None = No
     for name, li in names.items():
         pat = cache[name][0].float().cpu()  # [heads, dest, src]
         heads = [f"L{li}H{h}" for h in range(pat.shape[0])]
-        panels.append((f"layer {li}", cv.attention.attention_heads(pat, s, heads)))
+        panels.append((f"layer {li}", attention_heads(pat, s, heads)))
     return View(panels, "Frozen attention patterns")
 
 

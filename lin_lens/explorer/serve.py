@@ -209,7 +209,7 @@ def make_server(root: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     pages = Pages(root_path)
 
     class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt: str, *args: Any) -> None:  # quiet: one line per error only
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name  # quiet: one line per error only
             pass
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name

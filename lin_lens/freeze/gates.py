@@ -77,7 +77,7 @@ def relinearize(value: Tensor, pre: Tensor, gate: Tensor) -> Tensor:
     return value.detach() + live * gate.detach()
 
 
-def check_gate(name: str, act: str, value: Tensor, pre: Tensor, gate: Tensor) -> None:
+def check_gate(name: str, act: str | None, value: Tensor, pre: Tensor, gate: Tensor) -> None:
     """Refuse a gate that does not reproduce the model's own activation (wrong act_fn)."""
     with torch.no_grad():
         err = (gate * pre - value).abs().max()

@@ -113,5 +113,6 @@ def reset(model: Any) -> Any:
 def in_functorch_transform() -> bool:
     """True inside a vmap/grad transform — or when a KeyboardInterrupt inside torch's own vmap
     bookkeeping left one open, after which autograd silently works on batched tensors."""
-    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    level = getattr(torch._C._functorch,  # pyright: ignore[reportAttributeAccessIssue]
+                    "maybe_current_level", None)  # (a private C module without stubs)
     return level is not None and level() is not None

@@ -88,7 +88,8 @@ def _norm_rule(model: Any, scale_hook: str) -> list[Rule]:
 def _attention_rule(model: Any, pattern_hook: str) -> list[Rule]:
     attn = parent_module(model, pattern_hook)
     if is_bridge(model):
-        if type(attn).forward is plain_attention_bridge().forward:
+        plain = plain_attention_bridge()
+        if plain is not None and type(attn).forward is plain.forward:
             raise UnsupportedFeatureError(
                 f"{pattern_hook}: {type(attn).__name__} runs Hugging Face's attention and fires "
                 "hook_pattern after the fact, so the attention pattern cannot be frozen "

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, model_dtype
+from lin_lens._types import Inputs
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.graph import prune as P
 from lin_lens.graph.engine import Attributor
@@ -37,9 +39,9 @@ DENSE_LIMIT = 20_000  # prune=False keeps an [N, N] adjacency: refuse beyond thi
 @exact_matmul()
 def attribution_graph(
     model: Any,
-    prompt: str | Sequence[int] | Tensor,
+    prompt: Inputs,
     *,
-    target: int | Sequence[int] | Tensor | None = None,
+    target: int | Sequence[int] | Int[Tensor, " k"] | Float[Tensor, " d_out"] | None = None,
     pos: int = -1,
     hook: str = LOGITS,
     nodes: Sequence[str] = ("heads", "neurons"),
@@ -97,9 +99,9 @@ def attribution_graph(
         progress: progress bars (default: only for long loops).
         prepend_bos: passed to ``model.to_tokens`` for text.
         writes: tokens per node in ``graph.top_tokens``, what each head / neuron node writes
-            decoded through the unembedding (:func:`lin_lens.graph.node_writes`); 0: none.
+            decoded through the unembedding (``lin_lens.graph.node_writes``); 0: none.
         qk: also explain why each kept head attends where it does (``graph.qk``, Neuronpedia's
-            ``qk_tracing_results`` per head node: :func:`lin_lens.graph.qk.attach_qk`), at its
+            ``qk_tracing_results`` per head node: ``lin_lens.graph.qk.attach_qk``), at its
             ``qk_keys`` most attended keys with ``qk_top`` contributors per list.
     """
     t0 = time.perf_counter()

@@ -42,7 +42,10 @@ def node_hooks(model: Any) -> list[str]:
 
 
 def _target_act(fwd: Forward, model: Any, hook: str) -> Tensor:
-    return fwd.logits if hook == LOGITS else fwd.acts[canonical(model, hook)]
+    if hook != LOGITS:
+        return fwd.acts[canonical(model, hook)]
+    assert fwd.logits is not None  # the pass ran to the end (full=True)
+    return fwd.logits
 
 
 class Attributor:
@@ -61,6 +64,7 @@ class Attributor:
             probe = detached_forward(probe_stack, model, tokens, EMBED, [hook], constants=True,
                                      full=True, probes=layer_hooks)
             act = _target_act(probe, model, hook)
+            assert probe.logits is not None  # full=True
             self.logits = probe.logits.detach()
             self.target = resolve_target(target, hook, pos, act, self.logits, str_token)
             self.T = self.target.read(act).detach()  # [k]

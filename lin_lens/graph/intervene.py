@@ -40,7 +40,7 @@ class Ablation:
 
     @property
     def error(self) -> float:
-        """|frozen − predicted| relative to |predicted| (absolute when it is 0)."""
+        """``|frozen − predicted|`` relative to ``|predicted|`` (absolute when it is 0)."""
         den = abs(self.predicted)
         return abs(self.frozen - self.predicted) / den if den > 0 else abs(self.frozen)
 
@@ -154,7 +154,7 @@ class _Run:
 
         return fn
 
-    def _factor_hooks(self, model: Any, hs: Hooks) -> None:
+    def _factor_hooks(self, model: Any, hs: HookSet) -> None:
         """Patterns, norm scales, gated-MLP gates: record, or substitute the clean values.
         Plain MLPs: act(pre) becomes g·pre with the clean gate g = act(pre₀)/pre₀."""
         act = str(getattr(model.cfg, "act_fn", "") or "")
@@ -181,7 +181,7 @@ class _Run:
             hs.add_module_hook(model.unembed, self._grab_z)
             hs.add_module_hook(model, self._frozen_cap)
 
-    def _native_norm_hooks(self, model: Any, hs: Hooks, prefix: str) -> None:
+    def _native_norm_hooks(self, model: Any, hs: HookSet, prefix: str) -> None:
         """A Bridge norm that runs Hugging Face's kernel (which may compute in float32). Detached
         mode edits its ``hook_normalized``, which sends the Bridge down its own path (in the
         model's dtype); every run here edits it too, so its values are the graph's, and frozen

@@ -126,8 +126,7 @@ def from_json(data: Any, where: str = "graph JSON") -> SparseGraph:
         top_tokens={i: tl for i, nd in enumerate(nodes) if (tl := _tokens(nd)) is not None},
         qk={i: nd["qk_tracing_results"] for i, nd in enumerate(nodes)
             if isinstance(nd.get("qk_tracing_results"), dict)},
-        qk_only_nodes=data.get("qk_only_nodes") if isinstance(data.get("qk_only_nodes"), dict)
-        else {},
+        qk_only_nodes=qk_only if isinstance(qk_only := data.get("qk_only_nodes"), dict) else {},
         pinned=[ids[p] for p in pinned if p in ids])
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import heapq
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from lin_lens._numeric import relative_error
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, UnknownNodeError
 from lin_lens.graph.nodes import KINDS, SOURCES
+
+if TYPE_CHECKING:  # intervene imports this module
+    from lin_lens.graph.intervene import Ablation
 
 FORMAT_VERSION = 1
 _TENSORS = ("node_ids", "kind", "layer", "pos", "index", "value", "total_effect", "influence",
@@ -36,18 +40,21 @@ class AttributionGraph:
     head / attention / MLP nodes, the vector (∂J/∂output) their value reads their output with.
 
     For reading (the explorer, the JSON file): ``top_tokens[i]``, what node i writes decoded to
-    tokens (:func:`lin_lens.graph.node_writes`: a dict of ``TokenList`` fields; None where not
+    tokens (``lin_lens.graph.node_writes``: a dict of ``TokenList`` fields; None where not
     computed); ``qk[i]``, a head's QK attribution in Neuronpedia's ``qk_tracing_results`` form
     (node ids as in the JSON), with ``qk_only_nodes`` describing contributors that are not kept
     nodes; ``pinned``, labels of the nodes pinned into the reader's subgraph (None: the
     strongest paths' nodes).
     """
 
-    def __init__(self, *, node_ids: Tensor, kind: Tensor, layer: Tensor, pos: Tensor,
-                 index: Tensor, labels: list[str], value: Tensor, total_effect: Tensor,
-                 influence: Tensor, cumulative: Tensor, adjacency: Tensor, edge_mask: Tensor,
-                 incoming_total: Tensor, readouts: dict[int, Tensor], tokens: Tensor,
-                 str_tokens: list[str], prompt: str, target: dict, meta: dict,
+    def __init__(self, *, node_ids: Int[Tensor, " K"], kind: Int[Tensor, " K"],
+                 layer: Int[Tensor, " K"], pos: Int[Tensor, " K"], index: Int[Tensor, " K"],
+                 labels: list[str], value: Float[Tensor, " K"], total_effect: Float[Tensor, " K"],
+                 influence: Float[Tensor, " K"], cumulative: Float[Tensor, " K"],
+                 adjacency: Float[Tensor, "K K"], edge_mask: Bool[Tensor, "K K"],
+                 incoming_total: Float[Tensor, " K"], readouts: dict[int, Float[Tensor, " d"]],
+                 tokens: Int[Tensor, " n_src"], str_tokens: list[str], prompt: str,
+                 target: dict[str, Any], meta: dict[str, Any],
                  top_tokens: dict[int, dict] | None = None, qk: dict[int, dict] | None = None,
                  qk_only_nodes: dict[str, dict] | None = None, pinned: list[str] | None = None):
         self.node_ids, self.kind, self.layer = node_ids, kind, layer
@@ -57,7 +64,8 @@ class AttributionGraph:
         self.adjacency, self.edge_mask, self.incoming_total = adjacency, edge_mask, incoming_total
         self.readouts, self.tokens = readouts, tokens
         self.str_tokens, self.prompt = str_tokens, prompt
-        self.target, self.meta = target, meta
+        self.target: dict[str, Any] = target
+        self.meta = meta
         self.top_tokens, self.qk, self.qk_only_nodes = top_tokens, qk, qk_only_nodes
         self.pinned = pinned
 
@@ -84,7 +92,7 @@ class AttributionGraph:
 
     @property
     def relative_error(self) -> float:
-        """How far the targets are from the sum of their incoming edges: ‖T − Σ‖ / ‖T‖."""
+        """‖T − Σ‖ / ‖T‖, how far the targets are from the sum of their incoming edges."""
         t = torch.tensor(self.targets)
         return relative_error(self.value[t], self.incoming_total[t])
 
@@ -97,7 +105,7 @@ class AttributionGraph:
             out[k] = relative_error(self.value[idx], self.incoming_total[idx])
         return out
 
-    def target_values(self, act: Tensor) -> Tensor:
+    def target_values(self, act: Float[Tensor, "1 pos *d"]) -> Float[Tensor, " k"]:
         """The targets ``[k]`` read from an activation ``[1, pos, ...]`` at the target hook."""
         row = act[0, self.target["pos"]].reshape(-1)
         if self.target["ids"] is not None:
@@ -177,8 +185,9 @@ class AttributionGraph:
                 for sc, p in heapq.nlargest(k, paths, key=lambda c: c[0])]
 
     # -- interventions, export, display -------------------------------------------------------
-    def ablate(self, model: Any, node: int | str, receiver: int | str | None = None):
-        """Zero ``node``'s output and measure the change (see :func:`lin_lens.graph.ablate`)."""
+    def ablate(self, model: Any, node: int | str, receiver: int | str | None = None
+               ) -> Ablation:
+        """Zero ``node``'s output and measure the change (``lin_lens.graph.intervene.ablate``)."""
         from lin_lens.graph.intervene import ablate
 
         return ablate(model, self, node, receiver)
@@ -216,7 +225,7 @@ class AttributionGraph:
         return SparseGraph.from_graph(self)
 
     def to_html(self, **kw: Any) -> str:
-        """The explorer, one self-contained page (:func:`lin_lens.graph.view.graph_page`)."""
+        """The explorer, one self-contained page (``lin_lens.graph.view.graph_page``)."""
         from lin_lens.graph.view import graph_page
 
         return graph_page(self, **kw)

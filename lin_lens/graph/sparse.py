@@ -30,7 +30,7 @@ class SparseGraph:
     """Nodes ``0 … n-1`` and edges ``src[e] → dst[e]`` of weight ``weight[e]``.
 
     Per node: ``ids`` (the graph file's node ids), ``labels`` (short names such as
-    ``"L3H5@7"``, ``"L12F3571@4"``), ``groups`` (one of :data:`GROUPS`), ``types`` (the file's
+    ``"L3H5@7"``, ``"L12F3571@4"``), ``groups`` (one of ``GROUPS``), ``types`` (the file's
     ``feature_type``), ``row`` (display level, input 0 up to the targets), ``pos`` (token
     position), ``value``, ``total_effect`` (NaN where unknown), ``cumulative`` (circuit-tracer's
     cumulative influence share), ``target_weight`` (non-zero on targets), ``always`` (kept by
@@ -68,7 +68,7 @@ class SparseGraph:
     # -- construction -----------------------------------------------------------------------
     @classmethod
     def from_graph(cls, graph: Any) -> SparseGraph:
-        """The kept nodes and kept edges of an :class:`AttributionGraph`."""
+        """The kept nodes and kept edges of an :class:`~lin_lens.AttributionGraph`."""
         from lin_lens.graph.export import json_node_ids
 
         kinds = graph.kinds

@@ -34,6 +34,7 @@ class Target:
         row = act[0, self.pos].reshape(-1)
         if self.ids is not None:
             return row[self.ids]
+        assert self.direction is not None  # a target has ids or a direction
         return (row * self.direction.to(row.dtype)).sum().reshape(1)
 
 

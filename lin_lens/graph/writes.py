@@ -35,9 +35,10 @@ def _post_norm(model: Any, cache: Any, layer: int, which: str, pos: int):
     """The frozen norms after a sublayer at ``pos`` as a linear map (identity if none): the
     decomposition's own (:func:`lin_lens.analyses.decompose.post_norm_parts`)."""
     unscaled, scale = post_norm_parts(model.blocks[layer], cache, layer, which)
-    if unscaled is None:
+    if unscaled is None or scale is None:
         return lambda v: v
-    return lambda v: unscaled(v) / scale[0, pos]
+    s = scale[0, pos]
+    return lambda v: unscaled(v) / s
 
 
 def node_vectors(model: Any, graph: Any) -> dict[int, Tensor]:

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, canonical, model_device, model_dtype
+from lin_lens._types import Inputs, MemoryBudget, OutIndex, Positions
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.maps import budget
 from lin_lens.maps.forward import choose_engine, forward_maps
@@ -36,13 +38,13 @@ from lin_lens.maps.reverse import reverse_map
 @exact_matmul()
 def linear_map(
     model: Any,
-    inputs: str | Sequence[int] | Tensor,
+    inputs: Inputs,
     hook: str = LOGITS,
-    pos: int | Sequence[int] | slice | None = -1,
+    pos: Positions = -1,
     *,
     source: str = "hook_embed",
-    direction: Tensor | None = None,
-    out_index: Sequence[int] | Tensor | None = None,
+    direction: Float[Tensor, "*tgt d_out"] | None = None,
+    out_index: OutIndex = None,
     head: int | None = None,
     detach: bool = True,
     chunk_size: int | None = None,
@@ -51,7 +53,7 @@ def linear_map(
     tol: float | None = None,
     prepend_bos: bool | None = None,
     engine: str = "auto",
-    max_memory: int | float | str | None = None,
+    max_memory: MemoryBudget = None,
 ) -> LinearMap:
     """The exact linear map from ``source`` to the activation at ``hook`` for one input.
 
@@ -99,11 +101,11 @@ def linear_map(
 
 
 @exact_matmul()
-def operators_at_hooks(model: Any, tokens: Any, hooks: Sequence[str], pos: Any = -1, *,
+def operators_at_hooks(model: Any, tokens: Inputs, hooks: Sequence[str], pos: Positions = -1, *,
                        source: str = "hook_embed", engine: str = "auto",
                        chunk_size: int | None = None, progress: bool | None = None,
                        check: bool = True, tol: float | None = None,
-                       max_memory: Any = None) -> dict[str, LinearMap]:
+                       max_memory: MemoryBudget = None) -> dict[str, LinearMap]:
     """The exact detached linear map at every hook in ``hooks`` (e.g. the layer sweep: every
     ``resid_post``, ``attn_out`` and ``mlp_out``) for one input.
 
@@ -128,10 +130,10 @@ def operators_at_hooks(model: Any, tokens: Any, hooks: Sequence[str], pos: Any =
 
 
 @exact_matmul()
-def layer_transforms(model: Any, tokens: Any, layers: Sequence[int] | None = None,
-                     pos: Any = -1, *, chunk_size: int | None = None,
+def layer_transforms(model: Any, tokens: Inputs, layers: Sequence[int] | None = None,
+                     pos: Positions = -1, *, chunk_size: int | None = None,
                      progress: bool | None = None, check: bool = True, tol: float | None = None,
-                     max_memory: Any = None) -> dict[int, LinearMap]:
+                     max_memory: MemoryBudget = None) -> dict[int, LinearMap]:
     """Each layer's own exact map, ``blocks.L.hook_resid_pre`` → ``blocks.L.hook_resid_post``
     (all source positions), for every ``L`` in ``layers`` (default: all), keyed by layer.
 
@@ -181,14 +183,14 @@ def _operators(model: Any, req: MapRequest, hooks: list[str]) -> dict[str, Linea
 
 
 @exact_matmul()
-def top_singular(model: Any, tokens: Any, hook: str = LOGITS, pos: int = -1, k: int = 16, *,
+def top_singular(model: Any, tokens: Inputs, hook: str = LOGITS, pos: int = -1, k: int = 16, *,
                  source: str = "hook_embed", block: int | None = None, tol: float = 1e-4,
                  vec_tol: float | None = None, guard: int | None = None,
                  max_iter: int | None = None, seed: int = 0, progress: bool | None = None,
-                 max_memory: Any = None) -> TopSingular:
+                 max_memory: MemoryBudget = None) -> TopSingular:
     """Top-``k`` singular triplets ``U [d_out, k]``, ``S [k]``, ``V [n_src, d_in, k]`` of the
     detached operator at ``hook``/``pos`` (all source tokens stacked), without forming ``J``;
-    see :func:`lin_lens.maps.matrix_free.top_singular` for the method and stopping rule."""
+    see ``lin_lens.maps.matrix_free.top_singular`` for the method and stopping rule."""
     if not is_int_position(pos):
         raise ArgumentTypeError(f"top_singular takes one int position, got pos={pos!r}")
     req = MapRequest.build(model, tokens, hook, pos, source=source, progress=progress,

@@ -88,6 +88,7 @@ class GraphColumns:
         if start or readout_input:
             raise ReplayUnsupported("graph columns are full-length and hook-only")
         if tangent is None:  # the constant of one origin: J_origin · its value
+            assert origin is not None
             name, T = origin, self.leaves[origin].detach()[None]
         else:
             name, T = "source", tangent.reshape(-1, *self.x.shape)

@@ -81,11 +81,12 @@ def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, 
                                         strict=True):
                     if g is None or not bool(g.ne(0).any()):
                         continue
-                    if owner[name] not in layers:
+                    layer = owner[name]
+                    if layer is None or layer not in layers:
                         raise UnsupportedFeatureError(
                             f"bias {name!r} reaches a layer's output past the cut at its input; "
                             "map each layer with linear_map(..., source=...) instead")
-                    c = consts[list(layers).index(owner[name])].setdefault(
+                    c = consts[list(layers).index(layer)].setdefault(
                         name, torch.zeros(n_t, d, dtype=x0.dtype, device=x0.device))
                     c[t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
         finally:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from lin_lens._html import table
@@ -43,7 +44,8 @@ class TopSingular:
     ``iterations``, ``converged``, ``block``, ``guard``, ``history`` (per iteration), ``seconds``.
     """
 
-    def __init__(self, U: Tensor, S: Tensor, V: Tensor, info: dict[str, Any]):
+    def __init__(self, U: Float[Tensor, "d_out k"], S: Float[Tensor, " k"],
+                 V: Float[Tensor, "n_src d_in k"], info: dict[str, Any]):
         self.U, self.S, self.V, self.info = U, S, V, info
 
     def __iter__(self):

@@ -23,7 +23,7 @@ def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Se
                             ) -> Tensor:
     """The ordinary Jacobian's reconstruction of the activation at ``hook`` (or ``"logits"``):
     ``[d_out]`` for an int ``pos``, ``[n_pos, d_out]`` for a list of positions."""
-    out: dict[str, Tensor] = {}
+    out: dict[str, Tensor | None] = {}
     tokens = torch.as_tensor(tokens).to(model_device(model))
 
     def dual(t: Tensor, hook: Any) -> Tensor:
@@ -44,9 +44,10 @@ def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Se
                                          strict=False)
         if hook == LOGITS:
             out["jvp"] = fwAD.unpack_dual(res).tangent
-    if out.get("jvp") is None:
+    jvp = out.get("jvp")
+    if jvp is None:
         raise InvalidArgumentError(f"no forward-mode tangent reached {hook!r}")
     if isinstance(pos, int):
-        return out["jvp"][0, pos].reshape(-1)
+        return jvp[0, pos].reshape(-1)
     idx = list(pos)
-    return out["jvp"][0, idx].reshape(len(idx), -1)
+    return jvp[0, idx].reshape(len(idx), -1)

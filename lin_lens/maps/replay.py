@@ -148,6 +148,7 @@ class Replay:
             self.values.setdefault(hook.name, []).append(t.detach())
 
         def rec_pre(t: Tensor, hook: Any) -> None:
+            assert self._gate is not None  # set whenever pre_post is
             self.gates.setdefault(hook.name, []).append(self._gate(t.detach()))
 
         for h in self.freeze:
@@ -277,6 +278,7 @@ class _ReplayPass:
     def post_for(self, pre: str):
         def post(t: Tensor, hook: Any) -> Tensor:
             gate = self.r._sliced(pre, self.r.gates[pre][self._nth(pre)], self.start)
+            assert gate is not None  # None only for q/k-norm values, never a gate
             return gate * self.seen.pop(pre)
         return post
 

@@ -15,6 +15,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from lin_lens._tl import LOGITS, canonical, model_device, resolve_hook
+from lin_lens._types import Inputs
 from lin_lens.errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -38,7 +39,7 @@ NOT_LINEAR = {
 ENGINES = ("auto", "reverse", "forward", "matrix_free")
 
 
-def to_tokens(model: Any, inputs: Any, prepend_bos: bool | None = None, *,
+def to_tokens(model: Any, inputs: Inputs, prepend_bos: bool | None = None, *,
               truncate: bool = False) -> Int[Tensor, "1 pos"]:
     """Text, a list of ids or an id tensor → one [1, pos] token tensor on the model's device.
 

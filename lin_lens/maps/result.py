@@ -3,19 +3,21 @@ own measured error, its analyses as methods, and knows how to persist."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from lin_lens import decoding as _decode
 from lin_lens import spectrum
 from lin_lens._html import table
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
+from lin_lens.decoding import Decoding
+from lin_lens.decoding import decode as _decode
 from lin_lens.errors import InvalidArgumentError
 
 FORMAT_VERSION = 1
@@ -51,8 +53,14 @@ class LinearMap:
     contribution of each bias / positional embedding (origin name → ``[n_tgt, d_out]``).
     """
 
-    def __init__(self, J, x, act, constants, hook, source, positions, out_shape,
-                 out_index=None, direction=None, tokens=None, detached=True, int_pos=False):
+    def __init__(self, J: Float[Tensor, "n_tgt n_src d_out d_in"], x: Float[Tensor, "n_src d_in"],
+                 act: Float[Tensor, "n_tgt d_out"],
+                 constants: dict[str, Float[Tensor, "n_tgt d_out"]], hook: str, source: str,
+                 positions: Sequence[int], out_shape: Sequence[int],
+                 out_index: Int[Tensor, " d_out"] | None = None,
+                 direction: Float[Tensor, "n_tgt d_act"] | None = None,
+                 tokens: Int[Tensor, " n_src"] | None = None, detached: bool = True,
+                 int_pos: bool = False):
         self.J4, self.x, self.act4, self.constants = J, x, act, constants
         self.hook, self.source, self.positions = hook, source, list(positions)
         self.out_shape, self.out_index, self.direction = tuple(out_shape), out_index, direction
@@ -65,17 +73,17 @@ class LinearMap:
         return t[0] if self.int_pos else t
 
     @property
-    def J(self) -> Tensor:
+    def J(self) -> Float[Tensor, "*tgt n_src d_out d_in"]:
         """``[n_src, d_out, d_in]`` for an int position, else ``[n_tgt, n_src, d_out, d_in]``."""
         return self._sq(self.J4)
 
     @property
-    def act(self) -> Tensor:
-        """The model's own activation at the target: ``[d_out]`` or ``[n_tgt, d_out]``."""
+    def act(self) -> Float[Tensor, "*tgt d_out"]:
+        """The model's own activation at the target, ``[d_out]`` or ``[n_tgt, d_out]``."""
         return self._sq(self.act4)
 
     @property
-    def constant(self) -> Tensor:
+    def constant(self) -> Float[Tensor, "*tgt d_out"]:
         """Sum of :attr:`constant_by_origin` (exactly zero for bias-free models)."""
         total = torch.zeros_like(self.act4)
         for v in self.constants.values():
@@ -83,7 +91,7 @@ class LinearMap:
         return self._sq(total)
 
     @property
-    def constant_by_origin(self) -> dict[str, Tensor]:
+    def constant_by_origin(self) -> dict[str, Float[Tensor, "*tgt d_out"]]:
         return {k: self._sq(v) for k, v in self.constants.items()}
 
     @exact_matmul()
@@ -92,7 +100,7 @@ class LinearMap:
         return self._sq(torch.einsum("tsoi,si->tso", self.J4, self.x))
 
     @exact_matmul()
-    def reconstruct(self) -> Tensor:
+    def reconstruct(self) -> Float[Tensor, "*tgt d_out"]:
         """``Σ_i J_i x_i + constant``, same shape as :attr:`act`."""
         # per source token, then summed: "tsoi,si->to" would copy J into [o, s, i] first
         linear = torch.einsum("tsoi,si->tso", self.J4, self.x).sum(1)
@@ -124,18 +132,18 @@ class LinearMap:
         den = torch.linalg.vector_norm(scale)
         return float(num / den) if float(den) > 0 else err
 
-    # -- analyses (the functions of lin_lens.spectrum / lin_lens.decode) ---------------------
+    # -- analyses (the functions of lin_lens.spectrum / lin_lens.decoding) ---------------------
     def svd(self, k: int | None = None, *, stacked: bool = False) -> spectrum.SVD:
         """:func:`lin_lens.svd` of this map (per source token, or ``stacked``)."""
         return spectrum.svd(self, k, stacked=stacked)
 
-    def stable_rank(self, *, stacked: bool = False) -> Tensor:
+    def stable_rank(self, *, stacked: bool = False) -> Float[Tensor, "*shape"]:
         """:func:`lin_lens.stable_rank`: ``Σ s² / s_max²`` per source token (or stacked)."""
         return spectrum.stable_rank(self, stacked=stacked)
 
-    def decode(self, model: Any, k: int = 3, top: int = 5, **kw: Any) -> _decode.Decoding:
+    def decode(self, model: Any, k: int = 3, top: int = 5, **kw: Any) -> Decoding:
         """:func:`lin_lens.decode`: singular vectors, rows and columns decoded to tokens."""
-        return _decode.decode(model, self, k, top, **kw)
+        return _decode(model, self, k, top, **kw)
 
     # -- conveniences ----------------------------------------------------------------------
     @property
@@ -147,7 +155,7 @@ class LinearMap:
         return self.J4.shape[1]
 
     def at(self, t: int) -> LinearMap:
-        """The map for one target position (index into :attr:`positions`, negatives allowed)."""
+        """The map for one target position (index into ``positions``, negatives allowed)."""
         k = t % len(self.positions)
         sub = LinearMap(self.J4[k:k + 1], self.x, self.act4[k:k + 1],
                         {o: v[k:k + 1] for o, v in self.constants.items()}, self.hook, self.source,
@@ -233,10 +241,10 @@ class LinearMap:
         def mv(t):
             return None if t is None else t.to(device)
 
-        out = LinearMap(mv(self.J4), mv(self.x), mv(self.act4),
-                        {k: mv(v) for k, v in self.constants.items()}, self.hook, self.source,
-                        self.positions, self.out_shape, mv(self.out_index), mv(self.direction),
-                        self.tokens, self.detached, self.int_pos)
+        out = LinearMap(self.J4.to(device), self.x.to(device), self.act4.to(device),
+                        {k: v.to(device) for k, v in self.constants.items()}, self.hook,
+                        self.source, self.positions, self.out_shape, mv(self.out_index),
+                        mv(self.direction), self.tokens, self.detached, self.int_pos)
         out.error_scale = mv(self.error_scale)
         out.meta = dict(self.meta)
         return out

@@ -73,6 +73,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
     readout = None
     if req.hook == LOGITS:
         readout = Readout.at(model, flat[tgt])
+        assert fwd.logits is not None  # a pass to the logits keeps them
         value = fwd.logits[0, tgt].detach()  # the model's own logits: [n_t, V]
         out_shape: tuple[int, ...] = (value.shape[-1],)
     else:
@@ -83,7 +84,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
     if idx is not None:
         idx = idx.to(value.device)
 
-    common = dict(x=fwd.x.detach()[0].reshape(fwd.x.shape[1], -1), hook=req.hook,
+    common: dict[str, Any] = dict(x=fwd.x.detach()[0].reshape(fwd.x.shape[1], -1), hook=req.hook,
                   source=req.source, positions=tgt)
     if req.direction is not None:
         u = torch.as_tensor(req.direction, dtype=value.dtype, device=value.device)

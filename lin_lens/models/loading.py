@@ -37,7 +37,7 @@ from lin_lens._tl import (
     HAS_BRIDGE,
     HAS_HOOKED,
     TL_VERSION,
-    HookedTransformer,
+    HookedTransformer,  # pyright: ignore[reportAttributeAccessIssue] (None on TL 4.x)
     TransformerBridge,
     official_model_name,
     tl_loading,
@@ -147,7 +147,7 @@ def load_model(
     n_ctx: int = 2048,
     hf_model: Any = None,
     tokenizer: Any = None,
-):
+) -> Any:
     """A ready TransformerLens model (with its tokenizer) by name or path.
 
     Args:

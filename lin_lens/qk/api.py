@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import model_dtype
+from lin_lens._types import Inputs
 from lin_lens.decoding import token_strings
 from lin_lens.errors import (
     ArgumentTypeError,
@@ -21,6 +22,7 @@ from lin_lens.errors import (
 from lin_lens.maps import default_tolerance, to_tokens
 from lin_lens.maps.request import as_index, is_int_position, positions
 from lin_lens.qk.form import ScoreForm, score_forms
+from lin_lens.qk.nodes import NodeSides, node_sides
 from lin_lens.qk.result import Parts, QKAttribution, QKResults
 from lin_lens.qk.sides import Sides, token_sides
 
@@ -28,7 +30,7 @@ BY = ("tokens", "nodes")
 
 
 @exact_matmul()
-def qk_attribution(model: Any, prompt: str | Sequence[int] | Tensor, layer: int, head: int, *,
+def qk_attribution(model: Any, prompt: Inputs, layer: int, head: int, *,
                    query: int = -1, keys: int | Sequence[int] | None = None,
                    by: str = "tokens", nodes: Sequence[str] = ("heads", "neurons"),
                    top: int = 10, source: str = "hook_embed", check: bool = True,
@@ -70,7 +72,7 @@ def qk_attribution(model: Any, prompt: str | Sequence[int] | Tensor, layer: int,
 
 
 @exact_matmul()
-def qk_attributions(model: Any, prompt: str | Sequence[int] | Tensor,
+def qk_attributions(model: Any, prompt: Inputs,
                     layers: Sequence[int] | None = None, heads: Sequence[int] | None = None, *,
                     query: int = -1, keys: int | Sequence[int] | None = None,
                     by: str = "tokens", nodes: Sequence[str] = ("heads", "neurons"),
@@ -93,22 +95,21 @@ def qk_attributions(model: Any, prompt: str | Sequence[int] | Tensor,
     heads = _indices(heads, n_heads, "head")
     forms = score_forms(model, tokens, layers)
     strs = token_strings(model, tokens[0], raw=True)
+    sides: dict[int, Sides] | dict[int, NodeSides]
     if by == "tokens":
         sides = token_sides(model, tokens, forms, t, strs, source=source, progress=progress)
     else:
-        from lin_lens.qk.nodes import node_sides
-
-        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes,  # type: ignore[misc]
-                               heads) for L in layers}
+        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes, heads) for L in layers}
     out = QKResults()
     bound = tol if tol is not None else default_tolerance(model_dtype(model))
     for L in layers:
         reqs = [(h, t, _keys(forms[L], h, t, keys, n)) for h in heads]
-        if by == "tokens":
-            atts = [_attribution(forms[L], sides[L], L, h, t, ks, by, strs, tokens)
-                    for h, _, ks in reqs]
+        side = sides[L]
+        if isinstance(side, NodeSides):
+            atts = side.attributions(reqs, top, strs, tokens)
         else:
-            atts = sides[L].attributions(reqs, top, strs, tokens)
+            atts = [_attribution(forms[L], side, L, h, t, ks, by, strs, tokens)
+                    for h, _, ks in reqs]
         for (h, _, _), att in zip(reqs, atts, strict=True):
             if check and not att.relative_error <= bound:
                 raise NotExactError(att, bound)

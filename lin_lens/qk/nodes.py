@@ -151,7 +151,7 @@ class NodeSides:
             block = self.model.blocks[layer]
             unscaled, scale = post_norm_parts(block, self.cache, layer, "ln2")
             W = block.mlp.W_out.detach().to(self.resid.dtype)
-            if unscaled is not None:
+            if unscaled is not None and scale is not None:
                 W, scale = unscaled(W), scale[0, :self.n, 0]
             self._neuron_cache[layer] = (W, scale)
         return self._neuron_cache[layer]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._html import table
@@ -68,7 +68,7 @@ class QKAttribution:
     embeddings), the same on both sides.
     ``by="nodes"``: the nodes of :func:`lin_lens.attribution_graph` (embeddings, heads, neurons or
     whole MLPs, biases) through their direct path; each side keeps the vectors of its ``top``
-    nodes by |marginal| and one part holding the rest exactly (``"(other query-side nodes)"``,
+    nodes by ``|marginal|`` and one part holding the rest exactly (``"(other query-side nodes)"``,
     ``"(other key-side nodes)"``), while ``q_marginal_all`` / ``k_marginal_all`` keep every
     node's marginal per key (their sums are checked against the scores too).
 
@@ -78,9 +78,11 @@ class QKAttribution:
     """
 
     def __init__(self, *, layer: int, head: int, kv_head: int, query: int, keys: list[int],
-                 by: str, q_parts: Parts, k_parts: list[Parts], gate: Tensor, bias: Tensor,
-                 scores: Tensor, pattern: Tensor, q: Tensor, k: Tensor, str_tokens: list[str],
-                 tokens: Tensor, k_marginal_all: list[Parts] | None = None,
+                 by: str, q_parts: Parts, k_parts: list[Parts], gate: Float[Tensor, " keys"],
+                 bias: Float[Tensor, " keys"], scores: Float[Tensor, " keys"],
+                 pattern: Float[Tensor, " keys"], q: Float[Tensor, " d_head"],
+                 k: Float[Tensor, "keys d_head"], str_tokens: list[str],
+                 tokens: Int[Tensor, " pos"], k_marginal_all: list[Parts] | None = None,
                  q_marginal_all: list[Parts] | None = None, meta: dict | None = None):
         self.layer, self.head, self.kv_head, self.query = layer, head, kv_head, query
         self.keys, self.by = list(keys), by
@@ -110,17 +112,17 @@ class QKAttribution:
 
     @property
     def q_marginal(self) -> Float[Tensor, "keys q_parts"]:
-        """Each query-side part's share of each score: ``gate · q_a · k(s)`` (row sums)."""
+        """``gate · q_a · k(s)``, each query-side part's share of each score (row sums)."""
         return self.gate[:, None] * (self.k @ self.q_parts.vectors.T)
 
     @property
-    def k_marginal(self) -> list[Tensor]:
-        """Each key-side part's share of each score: ``gate · q · k_b(s)`` (column sums), per
-        key ``[n_k_parts]``."""
+    def k_marginal(self) -> list[Float[Tensor, " k_parts"]]:
+        """``gate · q · k_b(s)``, each key-side part's share of each score (column sums),
+        per key ``[n_k_parts]``."""
         return [self.gate[j] * (self.k_parts[j].vectors @ self.q) for j in range(len(self.keys))]
 
     @property
-    def constants(self) -> dict[str, Tensor]:
+    def constants(self) -> dict[str, Float[Tensor, " keys"]]:
         """The constant terms by origin, per key ``[n_keys]``: the position bias (``"alibi"``),
         and each bias / positional-embedding part's marginal on the query side (``"q: …"``)
         and the key side (``"k: …"``)."""
@@ -141,7 +143,7 @@ class QKAttribution:
 
     @property
     def relative_error(self) -> float:
-        """The largest of: ‖score − Σ pairs − bias‖/‖score‖ (``Σ_ab pairs = gate · Σ_a q_a ·
+        """The largest of ‖score − Σ pairs − bias‖/‖score‖ (``Σ_ab pairs = gate · Σ_a q_a ·
         Σ_b k_b``), the same with the complete k-marginals (nodes), and each side's parts
         against the q and k the model computed."""
         qsum = self.q_parts.vectors.sum(0)
@@ -167,7 +169,7 @@ class QKAttribution:
 
     # -- reading ------------------------------------------------------------------------------
     def top(self, k: int = 10, key: int | None = None) -> list[tuple[str, str, int, float]]:
-        """The ``k`` largest pairs by |value| (at one key, or over all explained keys):
+        """The ``k`` largest pairs by absolute value (at one key, or over all explained keys):
         ``(query-side label, key-side label, key position, value)``."""
         P = self.pairs()
         js = range(len(self.keys)) if key is None else [self._key(key)]

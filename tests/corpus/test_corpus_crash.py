@@ -21,7 +21,8 @@ from lin_lens.corpus.store import Store
 from tests.conftest import cpu_only
 from tests.corpus.conftest import DEFAULT_BACKEND, many_prompts
 
-pytestmark = cpu_only("crash and resume in subprocesses, on CPU models")
+pytestmark = [cpu_only("crash and resume in subprocesses, on CPU models"),
+              pytest.mark.slow]  # runs killed and resumed in subprocesses: ~50 s
 
 N = 20
 ANALYSES = ["svd", "decode", "contributions"]

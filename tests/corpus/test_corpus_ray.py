@@ -15,7 +15,8 @@ from lin_lens.corpus.store import Store
 from tests.conftest import cpu_only
 from tests.corpus.conftest import DEFAULT_BACKEND, many_prompts
 
-pytestmark = cpu_only("Ray workers load their models on the CPU")
+pytestmark = [cpu_only("Ray workers load their models on the CPU"),
+              pytest.mark.slow]  # a local Ray cluster and a killed worker: ~30 s
 
 ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'lin_lens[ray]')")
 

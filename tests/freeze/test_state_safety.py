@@ -49,6 +49,7 @@ def _detached_block(m):
         m(TOKENS)
 
 
+@pytest.mark.slow  # thousands of traced runs
 def test_interrupt_at_every_line_of_detached(model):
     """Every line of lin_lens's own code on the HookedTransformer (~1000); every 5th on the
     Bridge, whose forward runs many more lines inside our hooks."""
@@ -63,6 +64,7 @@ def test_interrupt_at_every_line_of_detached(model):
         pytest.fail("detached() never completed")
 
 
+@pytest.mark.slow  # thousands of traced runs
 def test_interrupt_during_linear_map_sampled_lines(model):
     before = _state(model)
 
@@ -79,6 +81,7 @@ def test_interrupt_during_linear_map_sampled_lines(model):
     assert lin_lens.linear_map(model, TOKENS, "logits").relative_error < 1e-12
 
 
+@pytest.mark.slow  # thousands of traced runs
 def test_interrupt_during_layer_transforms_sampled_lines(model):
     """The per-layer maps add a leaf at every layer input in one pass: same guarantee."""
     before = _state(model)

