@@ -15,7 +15,6 @@ per layer: the cost never grows with the number of nodes times ``d_head``.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from lin_lens._tl import canonical
 from lin_lens.analyses.decompose import post_norm_parts, writes
 from lin_lens.errors import InvalidArgumentError, NotExactError, UnsupportedFeatureError
 from lin_lens.freeze import detached
-from lin_lens.maps import default_tolerance
+from lin_lens.maps import budget, default_tolerance
 from lin_lens.maps.columns import GraphColumns
 from lin_lens.maps.graph import batched_grad
 from lin_lens.qk.form import ScoreForm
@@ -111,7 +110,8 @@ class NodeSides:
         cot = torch.zeros(len(heads) * d, n, H, d, dtype=y.dtype, device=y.device)
         for i, h in enumerate(heads):
             cot[torch.arange(i * d, (i + 1) * d), :, h, torch.arange(d)] = 1
-        g = batched_grad(y, x, cot)[:, 0]  # [rows, n, d_model]
+        # a few rows per pass: one pass over every row is memory-bound (5x slower at 64 tokens)
+        g = batched_grad(y, x, cot, chunk=budget.preferred_chunk(n))[:, 0]  # [rows, n, d_model]
         return {h: g[i * d:(i + 1) * d].permute(1, 0, 2).contiguous()
                 for i, h in enumerate(heads)}
 
@@ -156,11 +156,6 @@ class NodeSides:
             self._neuron_cache[layer] = (W, scale)
         return self._neuron_cache[layer]
 
-    def _post(self, layer: int, p: int) -> Tensor:
-        post = self.cache[f"blocks.{layer}.mlp.hook_post"][0, p]
-        W, scale = self._neurons(layer)
-        return post if scale is None else post / scale[p]
-
     def _stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Every part's source stacked once: the writes ``[n_w, n, d_model]``, every neuron
         layer's ``W`` ``[n_neurons, d_model]`` and activations (over the post norm's scale)
@@ -187,20 +182,32 @@ class NodeSides:
                 torch.cat(n_at) if n_at else torch.zeros(0, dtype=torch.long))
         return self._stack
 
+    def _rows_of(self) -> tuple[Tensor, Tensor]:
+        """For each catalog index: whether it is a residual write, and its row in the stacked
+        writes or in the stacked neuron weights (:meth:`_stacked`)."""
+        if not hasattr(self, "_row_map"):
+            _, w_at, W, _, n_at = self._stacked()
+            is_write = torch.zeros(len(self.desc), dtype=torch.bool)
+            row = torch.zeros(len(self.desc), dtype=torch.long)
+            is_write[w_at] = True
+            row[w_at] = torch.arange(len(w_at))
+            row[n_at] = torch.arange(W.shape[0])
+            self._row_map = (is_write, row)
+        return self._row_map
+
     def _vectors(self, p: int, M: Tensor, idx: list[int]) -> Tensor:
         """Nodes ``idx``'s parts at ``p`` through ``M`` [rows, d_model]: ``[len(idx), rows]``."""
-        out = []
-        starts = self._starts()
-        for i in idx:
-            j = bisect.bisect_right(starts, i) - 1
-            kind, x = self.src[j]
-            if kind == "write":
-                out.append(x[p] @ M.T)
-            else:
-                W, _ = self._neurons(x)
-                n_i = i - starts[j]
-                out.append(self._post(x, p)[n_i] * (W[n_i] @ M.T))
-        return torch.stack(out) if out else M.new_zeros(0, M.shape[0])
+        writes, _, W, post, _ = self._stacked()
+        is_write, row = self._rows_of()
+        at = torch.tensor(idx, dtype=torch.long)
+        w, r = is_write[at], row[at]
+        out = M.new_zeros(len(idx), M.shape[0])
+        if bool(w.any()):
+            out[w.to(M.device)] = writes[r[w].to(M.device), p] @ M.T
+        if not bool(w.all()):
+            nr = r[~w].to(M.device)
+            out[(~w).to(M.device)] = post[p, nr][:, None] * (W[nr] @ M.T)
+        return out
 
     def _starts(self) -> list[int]:
         if not hasattr(self, "_start_list"):
@@ -211,49 +218,57 @@ class NodeSides:
             self._start_list = starts
         return self._start_list
 
-    def _parts(self, p: int, values: Tensor, consts: dict[str, Tensor]) -> Parts:
-        if not hasattr(self, "_desc_lists"):  # the same at every position but for ``pos``
-            self._desc_lists = ([d[0] for d in self.desc], [d[1] for d in self.desc],
-                                [d[2] for d in self.desc], [d[3] for d in self.desc],
-                                [d[0] == "bias" for d in self.desc])
-        kinds, layers, index, names, is_bias = self._desc_lists
-        return Parts(kinds + [_const_kind(o) for o in consts],
-                     layers + [self.form.layer] * len(consts),
-                     [-1 if b else p for b in is_bias] + [-1] * len(consts),
-                     index + [-1] * len(consts),
-                     names + [_origin_name(o) for o in consts],
-                     torch.cat([values, torch.stack(list(consts.values()))]) if consts
-                     else values)
+    def _parts(self, p: int, values: Tensor, origins: Sequence[str]) -> Parts:
+        """Every node's part at ``p`` and then each constant origin's, with ``values`` (one
+        number each). The descriptor lists are built once per position and shared, read-only,
+        by the Parts of that position (a model has tens of thousands of neurons)."""
+        key = (p, tuple(origins))
+        if not hasattr(self, "_desc_by"):
+            self._desc_by: dict[tuple, tuple[list, ...]] = {}
+        if key not in self._desc_by:
+            d = self.desc
+            self._desc_by[key] = (
+                [x[0] for x in d] + [_const_kind(o) for o in origins],
+                [x[1] for x in d] + [self.form.layer] * len(origins),
+                [-1 if x[0] == "bias" else p for x in d] + [-1] * len(origins),
+                [x[2] for x in d] + [-1] * len(origins),
+                [x[3] for x in d] + [_origin_name(o) for o in origins])
+        kinds, layers, pos, index, names = self._desc_by[key]
+        return Parts(kinds, layers, pos, index, names, values)
 
-    def _marginals_many(self, jobs: list[tuple[int, Tensor]]) -> list[Tensor]:
-        """:meth:`_marginals` for many ``(position, g)`` at once: one product per position
-        with every ``g`` there as a column (reading ``W`` once per position, not per ``g``)."""
+    def _marginals_many(self, jobs: list[tuple[int, Tensor]], batch: int = 1024
+                        ) -> list[Tensor]:
+        """Every node's marginal ``part · g`` for many ``(position, g)`` at once: the neurons'
+        in one product with ``W`` per batch of jobs (their activations differ by position
+        only as a per-row scale), the residual writes in one product per position."""
         writes, w_at, W, post, n_at = self._stacked()
-        by_p: dict[int, list[int]] = {}
-        for i, (p, _) in enumerate(jobs):
-            by_p.setdefault(p, []).append(i)
-        out: list[Tensor] = [torch.empty(0)] * len(jobs)
-        for p, ids in by_p.items():
-            G = torch.stack([jobs[i][1] for i in ids], 1)  # [d_model, m]
-            res = G.new_zeros(len(self.desc), len(ids))
-            res[w_at.to(G.device)] = writes[:, p] @ G
-            res[n_at.to(G.device)] = post[p][:, None] * (W @ G)
-            for c, i in enumerate(ids):
-                out[i] = res[:, c]
+        out: list[Tensor] = []
+        for b0 in range(0, len(jobs), batch):
+            part = jobs[b0:b0 + batch]
+            G = torch.stack([g for _, g in part], 1)  # [d_model, m]
+            pos = torch.tensor([p for p, _ in part], dtype=torch.long, device=G.device)
+            res = G.new_zeros(len(self.desc), len(part))
+            res[n_at.to(G.device)] = (W @ G) * post[pos].T
+            by_p: dict[int, list[int]] = {}
+            for c, (p, _) in enumerate(part):
+                by_p.setdefault(p, []).append(c)
+            w_rows = w_at.to(G.device)
+            for p, cs in by_p.items():
+                res[w_rows[:, None], torch.tensor(cs, device=G.device)] = writes[:, p] @ G[:, cs]
+            out += list(res.T)
         return out
 
-    def _side(self, p: int, M: Tensor, us: list[Tensor], margs: list[Tensor],
-              consts: dict[str, Tensor], actual: Tensor, top: int, rest_name: str
+    def _side(self, p: int, M: Tensor, margs: list[Tensor], tops: list[list[int]],
+              consts: dict[str, Tensor], actual: Tensor, rest_name: str
               ) -> tuple[Parts, list[Parts]]:
         """One side at position ``p`` through ``M`` [d_head, d_model]: every part's marginal
-        ``margs`` along each ``u`` in ``us`` ([d_head]: the other side's vector times the
-        gate), and the vectors of the ``top`` parts by |marginal| along any ``u`` plus one
-        exact rest part."""
-        full = [self._parts(p, m, {o: c @ u for o, c in consts.items()})
-                for u, m in zip(us, margs, strict=True)]
+        ``margs`` (nodes, then constants) along each of the other side's vectors (times the
+        gate), and the vectors of the parts in ``tops`` (the largest |marginal| along any of
+        them) plus one exact rest part."""
+        full = [self._parts(p, m, list(consts)) for m in margs]
         keep: list[int] = []
-        for f in full:
-            for i in f.vectors.abs().topk(min(top, len(f))).indices.tolist():
+        for t in tops:
+            for i in t:
                 if i not in keep:
                     keep.append(i)
         kept = full[0].subset(keep)
@@ -286,7 +301,7 @@ class NodeSides:
         """One :class:`QKAttribution` per ``(head, query, keys)``, their marginals computed
         together (one product per position for all of them)."""
         f = self.form
-        plans, jobs = [], []
+        plans, jobs, job_consts = [], [], []
         for head, t, keys in requests:
             if t >= self.n:
                 raise InvalidArgumentError(f"query {t} beyond the {self.n} positions read")
@@ -300,19 +315,25 @@ class NodeSides:
             first = len(jobs)
             jobs += [(t, Mq.T @ u) for u in uq]
             jobs += [(s, self.Mk[kv][s].T @ u) for s, u in zip(keys, uk, strict=True)]
-            plans.append((head, t, keys, kv, gate, Mq, q_act, uq, uk, first))
-        margs = self._marginals_many(jobs)
+            job_consts += [_dots(self.q_const, t, head, u) for u in uq]
+            job_consts += [_dots(self.k_const, s, kv, u) for s, u in zip(keys, uk, strict=True)]
+            plans.append((head, t, keys, kv, gate, Mq, q_act, first))
+        # each job's marginals: every node's, then each constant origin's; its top parts
+        margs = [torch.cat([m, c]) for m, c in zip(self._marginals_many(jobs), job_consts,
+                                                   strict=True)]
+        tops = _top_indices(margs, top)
         out = []
-        for head, t, keys, kv, gate, Mq, q_act, uq, uk, first in plans:
+        for head, t, keys, kv, gate, Mq, q_act, first in plans:
             nk = len(keys)
-            q, q_all = self._side(t, Mq, uq, margs[first:first + nk],
+            q, q_all = self._side(t, Mq, margs[first:first + nk], tops[first:first + nk],
                                   {o: c[t, head] for o, c in self.q_const.items()}, q_act,
-                                  top, "(other query-side nodes)")
+                                  "(other query-side nodes)")
             ks, k_all = [], []
             for j, s in enumerate(keys):
-                kept, full = self._side(s, self.Mk[kv][s], [uk[j]], [margs[first + nk + j]],
+                at = first + nk + j
+                kept, full = self._side(s, self.Mk[kv][s], [margs[at]], [tops[at]],
                                         {o: c[s, kv] for o, c in self.k_const.items()},
-                                        self.k_actual[s, kv], top, "(other key-side nodes)")
+                                        self.k_actual[s, kv], "(other key-side nodes)")
                 ks.append(kept)
                 k_all += full
             out.append(QKAttribution(
@@ -325,6 +346,22 @@ class NodeSides:
                       "nodes": ("heads" if self.heads else "attn") + "+"
                       + ("neurons" if self.neurons else "mlp")}))
         return out
+
+
+def _dots(consts: dict[str, Tensor], p: int, h: int, u: Tensor) -> Tensor:
+    """Each constant origin's marginal ``c[p, h] · u`` ``[n_origins]``."""
+    if not consts:
+        return u.new_zeros(0)
+    return torch.stack([c[p, h] @ u for c in consts.values()])
+
+
+def _top_indices(margs: list[Tensor], top: int, batch: int = 256) -> list[list[int]]:
+    """The ``top`` largest |values| of each vector (all of the same length), in batches."""
+    out: list[list[int]] = []
+    for i in range(0, len(margs), batch):
+        block = torch.stack(margs[i:i + batch]).abs()
+        out += block.topk(min(top, block.shape[1]), dim=1).indices.tolist()
+    return out
 
 
 def _const_kind(o: str) -> str:
