@@ -17,7 +17,8 @@ from typing import Any
 from lin_lens.graph.export import node_id
 from lin_lens.progress import progress_bar
 from lin_lens.qk.form import score_forms
-from lin_lens.qk.nodes import NodeSides, node_cache
+from lin_lens.qk.node_parts import node_cache
+from lin_lens.qk.nodes import NodeSides
 from lin_lens.qk.result import QKAttribution
 
 FEATURE_TYPE = {"embed": "embedding", "pos_embed": "positional embedding",

@@ -26,11 +26,20 @@ from lin_lens._numeric import relative_error
 from lin_lens._tl import canonical
 from lin_lens.analyses.decompose import post_norm_parts, writes
 from lin_lens.errors import InvalidArgumentError, NotExactError, UnsupportedFeatureError
-from lin_lens.freeze import detached
 from lin_lens.maps import budget, default_tolerance
 from lin_lens.maps.columns import GraphColumns
 from lin_lens.maps.graph import batched_grad
 from lin_lens.qk.form import ScoreForm
+from lin_lens.qk.node_parts import (
+    FailedSum,
+    const_dots,
+    const_kind,
+    index_of,
+    layer_of,
+    node_cache,
+    origin_name,
+    top_indices,
+)
 from lin_lens.qk.result import Parts, QKAttribution
 
 NOT_SUMMING = ("the node writes do not sum to the residual stream entering layer {L} (this block "
@@ -69,7 +78,7 @@ class NodeSides:
         total = torch.stack([p[2].expand(n, -1) for p in parts]).sum(0)
         err = relative_error(self.resid, total)
         if not err <= default_tolerance(self.resid.dtype):
-            raise NotExactError(_Failed(f"blocks.{L}.hook_resid_pre", err),
+            raise NotExactError(FailedSum(f"blocks.{L}.hook_resid_pre", err),
                                 default_tolerance(self.resid.dtype), NOT_SUMMING.format(L=L))
         self.write_parts = parts  # (label, kind, [n, d_model]) from decompose
 
@@ -126,7 +135,7 @@ class NodeSides:
         for label, kind, w in self.write_parts:
             w = w.expand(self.n, -1)
             if kind == "head" and not self.heads:
-                layer = _layer_of(label)
+                layer = layer_of(label)
                 attn_sum[layer] = attn_sum.get(layer, 0) + w
                 continue
             if kind == "mlp" and self.neurons:
@@ -135,7 +144,7 @@ class NodeSides:
                 desc += [("neuron", layer, i, "") for i in range(d_mlp)]
                 src.append(("neurons", layer))
                 continue
-            desc.append((kind, _layer_of(label), _index_of(label), label))
+            desc.append((kind, layer_of(label), index_of(label), label))
             src.append(("write", w))
         for layer in range(L) if not self.heads else ():
             desc.append(("attn", layer, -1, f"L{layer}.attn"))
@@ -228,11 +237,11 @@ class NodeSides:
         if key not in self._desc_by:
             d = self.desc
             self._desc_by[key] = (
-                [x[0] for x in d] + [_const_kind(o) for o in origins],
+                [x[0] for x in d] + [const_kind(o) for o in origins],
                 [x[1] for x in d] + [self.form.layer] * len(origins),
                 [-1 if x[0] == "bias" else p for x in d] + [-1] * len(origins),
                 [x[2] for x in d] + [-1] * len(origins),
-                [x[3] for x in d] + [_origin_name(o) for o in origins])
+                [x[3] for x in d] + [origin_name(o) for o in origins])
         kinds, layers, pos, index, names = self._desc_by[key]
         return Parts(kinds, layers, pos, index, names, values)
 
@@ -315,13 +324,14 @@ class NodeSides:
             first = len(jobs)
             jobs += [(t, Mq.T @ u) for u in uq]
             jobs += [(s, self.Mk[kv][s].T @ u) for s, u in zip(keys, uk, strict=True)]
-            job_consts += [_dots(self.q_const, t, head, u) for u in uq]
-            job_consts += [_dots(self.k_const, s, kv, u) for s, u in zip(keys, uk, strict=True)]
+            job_consts += [const_dots(self.q_const, t, head, u) for u in uq]
+            job_consts += [const_dots(self.k_const, s, kv, u)
+                           for s, u in zip(keys, uk, strict=True)]
             plans.append((head, t, keys, kv, gate, Mq, q_act, first))
         # each job's marginals: every node's, then each constant origin's; its top parts
         margs = [torch.cat([m, c]) for m, c in zip(self._marginals_many(jobs), job_consts,
                                                    strict=True)]
-        tops = _top_indices(margs, top)
+        tops = top_indices(margs, top)
         out = []
         for head, t, keys, kv, gate, Mq, q_act, first in plans:
             nk = len(keys)
@@ -346,67 +356,6 @@ class NodeSides:
                       "nodes": ("heads" if self.heads else "attn") + "+"
                       + ("neurons" if self.neurons else "mlp")}))
         return out
-
-
-def _dots(consts: dict[str, Tensor], p: int, h: int, u: Tensor) -> Tensor:
-    """Each constant origin's marginal ``c[p, h] · u`` ``[n_origins]``."""
-    if not consts:
-        return u.new_zeros(0)
-    return torch.stack([c[p, h] @ u for c in consts.values()])
-
-
-def _top_indices(margs: list[Tensor], top: int, batch: int = 256) -> list[list[int]]:
-    """The ``top`` largest |values| of each vector (all of the same length), in batches."""
-    out: list[list[int]] = []
-    for i in range(0, len(margs), batch):
-        block = torch.stack(margs[i:i + batch]).abs()
-        out += block.topk(min(top, block.shape[1]), dim=1).indices.tolist()
-    return out
-
-
-def _const_kind(o: str) -> str:
-    return "pos_embed" if o == "hook_pos_embed" else "bias"
-
-
-def node_cache(model: Any, tokens: Tensor, last: int) -> Any:
-    """The detached forward values node parts read, for layers up to ``last``: embeddings,
-    every head's ``hook_z``, MLP activations and outputs, norm scales, the residual streams."""
-    leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
-              "hook_scale", "hook_resid_pre")
-    wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
-        not h.startswith("blocks.") or int(h.split(".")[1]) <= last)]
-    names = set(wanted) | {canonical(model, h) for h in wanted}
-    kw = {"stop_at_layer": last + 1} if last + 1 < int(model.cfg.n_layers) else {}
-    with torch.no_grad(), detached(model):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
-    return cache
-
-
-class _Failed:
-    """What NotExactError reports when the writes do not sum (no map to carry)."""
-
-    def __init__(self, hook: str, err: float):
-        self.hook, self.relative_error = hook, err
-
-
-def _layer_of(label: str) -> int:
-    if label.startswith("L"):
-        return int(label[1:].replace(".", "H").split("H")[0])
-    if label.startswith("blocks."):
-        return int(label.split(".")[1])
-    return -1
-
-
-def _index_of(label: str) -> int:
-    if label.startswith("L") and "H" in label:
-        return int(label.split("H")[1])
-    return -1
-
-
-def _origin_name(o: str) -> str:
-    if o == "hook_pos_embed":
-        return "pos_embed"
-    return o.replace("._original_component", "").replace("_original_component.", "")
 
 
 def node_sides(model: Any, tokens: Tensor, form: ScoreForm, n: int,
