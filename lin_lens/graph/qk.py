@@ -16,7 +16,7 @@ from typing import Any
 
 from lin_lens.graph.export import node_id
 from lin_lens.progress import progress_bar
-from lin_lens.qk.form import score_forms
+from lin_lens.qk.form import form_hooks, score_forms
 from lin_lens.qk.node_parts import node_cache
 from lin_lens.qk.nodes import NodeSides
 from lin_lens.qk.result import QKAttribution
@@ -39,9 +39,10 @@ def attach_qk(model: Any, graph: Any, *, keys: int = 1, top: int = 10,
     n = int(graph.target["pos"]) + 1
     tokens = tokens[:, :n]
     layers = sorted({int(graph.layer[i]) for i in heads})
-    forms = score_forms(model, tokens, layers)
+    # one detached forward pass for every layer's score forms and node parts
+    cache = node_cache(model, tokens, layers[-1], extra=form_hooks(model, layers))
+    forms = score_forms(model, tokens, layers, cache=cache)
     ids = _IdMap(model, graph)
-    cache = node_cache(model, tokens, layers[-1])  # one forward for every layer
     bar = progress_bar(len(heads), "QK attribution of heads", progress, unit="head")
     try:
         for L in layers:

@@ -21,7 +21,8 @@ from lin_lens.errors import (
 )
 from lin_lens.maps import default_tolerance, to_tokens
 from lin_lens.maps.request import as_index, is_int_position, positions
-from lin_lens.qk.form import ScoreForm, score_forms
+from lin_lens.qk.form import ScoreForm, form_hooks, score_forms
+from lin_lens.qk.node_parts import node_cache
 from lin_lens.qk.nodes import NodeSides, node_sides
 from lin_lens.qk.result import Parts, QKAttribution, QKResults
 from lin_lens.qk.sides import Sides, token_sides
@@ -93,13 +94,17 @@ def qk_attributions(model: Any, prompt: Inputs,
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     layers = _indices(layers, n_layers, "layer")
     heads = _indices(heads, n_heads, "head")
-    forms = score_forms(model, tokens, layers)
+    cache = None
+    if by == "nodes" and t + 1 == n:  # one detached forward pass for the forms and the nodes
+        cache = node_cache(model, tokens, max(layers), extra=form_hooks(model, layers))
+    forms = score_forms(model, tokens, layers, cache=cache)
     strs = token_strings(model, tokens[0], raw=True)
     sides: dict[int, Sides] | dict[int, NodeSides]
     if by == "tokens":
         sides = token_sides(model, tokens, forms, t, strs, source=source, progress=progress)
     else:
-        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes, heads) for L in layers}
+        sides = {L: node_sides(model, tokens, forms[L], t + 1, nodes, heads, cache)
+                 for L in layers}
     out = QKResults()
     bound = tol if tol is not None else default_tolerance(model_dtype(model))
     for L in layers:

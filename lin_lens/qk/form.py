@@ -75,9 +75,8 @@ class ScoreForm:
 _CANDIDATES = ("rot", "rotate", "plain")
 
 
-def score_forms(model: Any, tokens: Tensor, layers: Sequence[int]) -> dict[int, ScoreForm]:
-    """The :class:`ScoreForm` of each layer in ``layers`` for this input (one forward pass)."""
-    _refuse_unsupported(model)
+def form_hooks(model: Any, layers: Sequence[int]) -> set[str]:
+    """The hooks :func:`score_forms` reads for ``layers`` (under both of their names)."""
     names = set()
     for L in layers:
         for leaf in ("hook_rot_q", "hook_rot_k", "hook_q", "hook_k", "hook_cos", "hook_sin",
@@ -85,10 +84,20 @@ def score_forms(model: Any, tokens: Tensor, layers: Sequence[int]) -> dict[int, 
             h = f"blocks.{L}.attn.{leaf}"
             if h in model.hook_dict:
                 names.update((h, canonical(model, h)))
-    stop = max(layers) + 1
-    kw = {"stop_at_layer": stop} if stop < int(model.cfg.n_layers) else {}
-    with torch.no_grad(), detached(model):
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
+    return names
+
+
+def score_forms(model: Any, tokens: Tensor, layers: Sequence[int], cache: Any = None
+                ) -> dict[int, ScoreForm]:
+    """The :class:`ScoreForm` of each layer in ``layers`` for this input (one forward pass, or
+    none when ``cache``, a detached cache of the same tokens, holds :func:`form_hooks`)."""
+    _refuse_unsupported(model)
+    if cache is None:
+        names = form_hooks(model, layers)
+        stop = max(layers) + 1
+        kw = {"stop_at_layer": stop} if stop < int(model.cfg.n_layers) else {}
+        with torch.no_grad(), detached(model):
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)
     return {L: _form(model, cache, L) for L in layers}
 
 

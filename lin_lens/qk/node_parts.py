@@ -19,11 +19,12 @@ def const_dots(consts: dict[str, Tensor], p: int, h: int, u: Tensor) -> Tensor:
     return torch.stack([c[p, h] @ u for c in consts.values()])
 
 
-def top_indices(margs: list[Tensor], top: int, batch: int = 256) -> list[list[int]]:
-    """The ``top`` largest |values| of each vector (all of the same length), in batches."""
+def top_indices(margs: Tensor, top: int, batch: int = 256) -> list[list[int]]:
+    """The ``top`` largest |values| of each row of ``margs`` ``[n_jobs, n_parts]``, in
+    batches of rows."""
     out: list[list[int]] = []
-    for i in range(0, len(margs), batch):
-        block = torch.stack(margs[i:i + batch]).abs()
+    for i in range(0, margs.shape[0], batch):
+        block = margs[i:i + batch].abs()
         out += block.topk(min(top, block.shape[1]), dim=1).indices.tolist()
     return out
 
@@ -32,14 +33,15 @@ def const_kind(o: str) -> str:
     return "pos_embed" if o == "hook_pos_embed" else "bias"
 
 
-def node_cache(model: Any, tokens: Tensor, last: int) -> Any:
+def node_cache(model: Any, tokens: Tensor, last: int, extra: set[str] | None = None) -> Any:
     """The detached forward values node parts read, for layers up to ``last``: embeddings,
-    every head's ``hook_z``, MLP activations and outputs, norm scales, the residual streams."""
+    every head's ``hook_z``, MLP activations and outputs, norm scales, the residual streams
+    (and the hooks in ``extra``, so that one forward pass serves other readers too)."""
     leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
               "hook_scale", "hook_resid_pre")
     wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
         not h.startswith("blocks.") or int(h.split(".")[1]) <= last)]
-    names = set(wanted) | {canonical(model, h) for h in wanted}
+    names = set(wanted) | {canonical(model, h) for h in wanted} | set(extra or ())
     kw = {"stop_at_layer": last + 1} if last + 1 < int(model.cfg.n_layers) else {}
     with torch.no_grad(), detached(model):
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, **kw)

@@ -229,43 +229,69 @@ class NodeSides:
 
     def _parts(self, p: int, values: Tensor, origins: Sequence[str]) -> Parts:
         """Every node's part at ``p`` and then each constant origin's, with ``values`` (one
-        number each). The descriptor lists are built once per position and shared, read-only,
-        by the Parts of that position (a model has tens of thousands of neurons)."""
-        key = (p, tuple(origins))
+        number each). The descriptor lists are built once (positions once per position) and
+        shared, read-only, by every Parts (a model has tens of thousands of neurons)."""
+        origins = tuple(origins)
         if not hasattr(self, "_desc_by"):
-            self._desc_by: dict[tuple, tuple[list, ...]] = {}
-        if key not in self._desc_by:
             d = self.desc
-            self._desc_by[key] = (
-                [x[0] for x in d] + [const_kind(o) for o in origins],
-                [x[1] for x in d] + [self.form.layer] * len(origins),
-                [-1 if x[0] == "bias" else p for x in d] + [-1] * len(origins),
-                [x[2] for x in d] + [-1] * len(origins),
-                [x[3] for x in d] + [origin_name(o) for o in origins])
-        kinds, layers, pos, index, names = self._desc_by[key]
-        return Parts(kinds, layers, pos, index, names, values)
+            self._desc_by: dict[Any, Any] = {
+                "kind": [x[0] for x in d], "layer": [x[1] for x in d],
+                "index": [x[2] for x in d], "name": [x[3] for x in d],
+                "bias_at": [i for i, x in enumerate(d) if x[0] == "bias"]}
+        memo = self._desc_by
+        if origins not in memo:
+            k = len(origins)
+            memo[origins] = (memo["kind"] + [const_kind(o) for o in origins],
+                             memo["layer"] + [self.form.layer] * k, memo["index"] + [-1] * k,
+                             memo["name"] + [origin_name(o) for o in origins])
+        if (p, origins) not in memo:
+            pos = [p] * len(self.desc) + [-1] * len(origins)
+            for i in memo["bias_at"]:
+                pos[i] = -1
+            memo[p, origins] = pos
+        kinds, layers, index, names = memo[origins]
+        return Parts(kinds, layers, memo[p, origins], index, names, values)
 
-    def _marginals_many(self, jobs: list[tuple[int, Tensor]], batch: int = 1024
-                        ) -> list[Tensor]:
-        """Every node's marginal ``part · g`` for many ``(position, g)`` at once: the neurons'
-        in one product with ``W`` per batch of jobs (their activations differ by position
-        only as a per-row scale), the residual writes in one product per position."""
-        writes, w_at, W, post, n_at = self._stacked()
-        out: list[Tensor] = []
+    def _marginals_many(self, jobs: list[tuple[int, Tensor]], consts: list[Tensor],
+                        batch: int = 1024) -> Tensor:
+        """Every node's marginal ``part · g`` for many ``(position, g)`` at once, then the
+        constant origins' (``consts``, one vector per job): ``[n_jobs, n_nodes + n_consts]``,
+        a row per job. The neurons' come from one product with ``W`` per batch of jobs (their
+        activations differ by position only as a per-row scale), the residual writes' from one
+        product per position."""
+        writes, w_at, _, _, _ = self._stacked()
+        Wc, Pc = self._catalog_weights()
+        n_nodes, n_c = len(self.desc), (len(consts[0]) if consts else 0)
+        dev = Wc.device
+        out = Wc.new_zeros(len(jobs), n_nodes + n_c)
+        w_cols = w_at.to(dev)
         for b0 in range(0, len(jobs), batch):
             part = jobs[b0:b0 + batch]
-            G = torch.stack([g for _, g in part], 1)  # [d_model, m]
-            pos = torch.tensor([p for p, _ in part], dtype=torch.long, device=G.device)
-            res = G.new_zeros(len(self.desc), len(part))
-            res[n_at.to(G.device)] = (W @ G) * post[pos].T
+            G = torch.stack([g for _, g in part])  # [m, d_model]
+            pos = torch.tensor([p for p, _ in part], dtype=torch.long, device=dev)
+            out[b0:b0 + len(part), :n_nodes] = (G @ Wc.T).mul_(Pc[pos])
             by_p: dict[int, list[int]] = {}
             for c, (p, _) in enumerate(part):
                 by_p.setdefault(p, []).append(c)
-            w_rows = w_at.to(G.device)
             for p, cs in by_p.items():
-                res[w_rows[:, None], torch.tensor(cs, device=G.device)] = writes[:, p] @ G[:, cs]
-            out += list(res.T)
+                at = torch.tensor(cs, device=dev)
+                out[(b0 + at)[:, None], w_cols] = G[at] @ writes[:, p].T
+        if n_c:
+            out[:, n_nodes:] = torch.stack(consts)
         return out
+
+    def _catalog_weights(self) -> tuple[Tensor, Tensor]:
+        """The neurons' ``W`` rows ``[n_nodes, d_model]`` and activations ``[n, n_nodes]`` in
+        catalog order, zero at the residual writes: one product gives every neuron's marginal
+        in place."""
+        if not hasattr(self, "_cat_w"):
+            _, _, W, post, n_at = self._stacked()
+            Wc = W.new_zeros(len(self.desc), W.shape[1])
+            Pc = post.new_zeros(post.shape[0], len(self.desc))
+            Wc[n_at.to(W.device)] = W
+            Pc[:, n_at.to(post.device)] = post
+            self._cat_w = (Wc, Pc)
+        return self._cat_w
 
     def _side(self, p: int, M: Tensor, margs: list[Tensor], tops: list[list[int]],
               consts: dict[str, Tensor], actual: Tensor, rest_name: str
@@ -329,9 +355,9 @@ class NodeSides:
                            for s, u in zip(keys, uk, strict=True)]
             plans.append((head, t, keys, kv, gate, Mq, q_act, first))
         # each job's marginals: every node's, then each constant origin's; its top parts
-        margs = [torch.cat([m, c]) for m, c in zip(self._marginals_many(jobs), job_consts,
-                                                   strict=True)]
-        tops = top_indices(margs, top)
+        all_margs = self._marginals_many(jobs, job_consts)
+        tops = top_indices(all_margs, top)
+        margs = list(all_margs)
         out = []
         for head, t, keys, kv, gate, Mq, q_act, first in plans:
             nk = len(keys)
@@ -359,13 +385,15 @@ class NodeSides:
 
 
 def node_sides(model: Any, tokens: Tensor, form: ScoreForm, n: int,
-               nodes: Sequence[str], heads: Sequence[int] | None = None) -> NodeSides:
-    """The node parts of layer ``form.layer`` for queries below position ``n``."""
+               nodes: Sequence[str], heads: Sequence[int] | None = None, cache: Any = None
+               ) -> NodeSides:
+    """The node parts of layer ``form.layer`` for queries below position ``n`` (``cache``: a
+    :func:`~lin_lens.qk.node_parts.node_cache` of ``tokens[:, :n]`` reaching that layer)."""
     for h in (f"blocks.{form.layer}.hook_resid_pre",):
         if h not in model.hook_dict:
             raise UnsupportedFeatureError(f"{h}: by='nodes' reads the residual stream there")
     if canonical(model, form.q_hook) == canonical(model, form.k_hook):
         raise UnsupportedFeatureError("queries and keys share one hook")
-    return NodeSides(model, tokens, form, n, nodes, heads=heads)
+    return NodeSides(model, tokens, form, n, nodes, cache=cache, heads=heads)
 
 
