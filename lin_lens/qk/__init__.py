@@ -6,10 +6,13 @@ bilinear in the input (norm scales frozen, rotary linear given the positions), s
 input tokens through all paths (``by="tokens"``) or attribution-graph nodes through their direct
 path (``by="nodes"``) — with every constant named. :mod:`.form` reads how a layer forms its
 scores, :mod:`.sides` and :mod:`.nodes` split queries and keys into parts, :mod:`.result` holds
-:class:`QKAttribution`.
+:class:`QKAttribution`, and :mod:`.intervene` removes one part with everything else frozen
+(:func:`remove_key_part`).
 """
 
 from lin_lens.qk.api import qk_attribution, qk_attributions
+from lin_lens.qk.intervene import remove_key_part
 from lin_lens.qk.result import Parts, QKAttribution, QKResults
 
-__all__ = ["Parts", "QKAttribution", "QKResults", "qk_attribution", "qk_attributions"]
+__all__ = ["Parts", "QKAttribution", "QKResults", "qk_attribution", "qk_attributions",
+           "remove_key_part"]
