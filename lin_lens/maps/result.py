@@ -112,14 +112,17 @@ class LinearMap:
         """‖act − reconstruct()‖ / ‖act‖, measured afresh on every access.
 
         For a ``direction=`` map (one scalar ``uᵀact`` per target, which can be near 0 for a
-        logit difference of near-duplicate tokens) the denominator is the scale the scalar was
-        computed at instead, ``max(|uᵀact|, |u|ᵀ|act|, Σ_i |J_i x_i| + Σ_o |c_o|)``: the rounding
-        of ``uᵀact`` itself, a well-conditioned measure that still flags any unfrozen
-        nonlinearity."""
+        logit difference of near-duplicate tokens) and an ``out_index=`` map (a few selected
+        outputs, e.g. logits, which can be near 0 while their parts are not), the denominator is
+        the scale the outputs were computed at instead, elementwise
+        ``max(|act|, Σ_i |J_i x_i| + Σ_o |c_o|)`` (and, for a direction, ``|u|ᵀ|act|``): the
+        rounding of the outputs themselves, a well-conditioned measure that still flags any
+        unfrozen nonlinearity."""
         per_token = torch.einsum("tsoi,si->tso", self.J4, self.x)  # one pass over J
         recon = self._sq(per_token.sum(1)) + self.constant
         err = relative_error(self.act, recon)
-        if self.direction is None or tuple(self.out_shape) != (1,):
+        scalar = self.direction is not None and tuple(self.out_shape) == (1,)
+        if not (scalar or self.out_index is not None):
             return err
         act = self.act4.reshape(-1).to(torch.float64)
         parts = per_token.abs().sum(1).reshape(-1)

@@ -111,3 +111,16 @@ def test_repr_reports_the_checked_error_without_another_pass(lm, monkeypatch):
     monkeypatch.setattr(torch, "einsum", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     repr(lm)
     assert calls == []
+
+
+def test_selected_outputs_near_zero_are_measured_at_their_scale():
+    # Found by LIN_LENS_FUZZ=long: two logits of ≈ 0.03 whose parts sum to ≈ 1 (float32 rounding
+    # of 1.5e-5 against ‖act‖, a 70× cancellation). The error is measured at the scale the
+    # outputs were computed at, as for direction= maps, so exact maps are not refused.
+    m = tiny_bridge("gpt2", torch.float32)
+    tokens = torch.tensor([[0, 0, 0, 0, 10]])
+    lm = lin_lens.linear_map(m, tokens, "logits", -1, out_index=[1, 5])
+    assert lm.relative_error <= 1e-5
+    # ... and a map whose linear part is off by 1 % (an unfrozen gate leaves far more) is caught
+    lm.J4 = lm.J4 * (1 + 1e-2)
+    assert lm.relative_error > lin_lens.default_tolerance(torch.float32)
