@@ -2,13 +2,15 @@
 
 Columns come from the replay of the frozen network (:mod:`.replay`, HookedTransformer) or, where
 the replay has no rule (Bridges, SoLU), from :class:`GraphColumns`: the double-backward of the
-detached graph, every hook at once as well, at the cost of a VJP per column and without the causal
-truncation. Cost ∝ columns = n_src · d_in, independent of the number of hooks.
+detached graph, every hook at once as well, at about half a VJP per column (more with many hooks)
+and without the causal truncation. Cost ∝ columns = n_src · d_in, (nearly) independent of the
+number of hooks.
 
-``choose_engine`` picks forward when ``REPLAY_COST × columns × depth`` is below ``Σ rows × depth``:
-the replay runs a full frozen forward per column (the Q/K and gate projections at zero width where
-TransformerLens allows it, :class:`~lin_lens.maps.replay.Replay`) but needs no autograd
-bookkeeping (the measured cost ratio is in BENCHMARKS.md).
+``choose_engine`` picks forward when ``cost × columns × depth`` is below ``Σ rows × depth``, with
+``REPLAY_COST`` for the replay (a full frozen forward per column, the Q/K and gate projections at
+zero width where TransformerLens allows it, :class:`~lin_lens.maps.replay.Replay`, but no autograd
+bookkeeping) and ``GRAPH_COST`` for graph columns on Bridges (the measured ratios are in
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from lin_lens.maps.result import LinearMap
 from lin_lens.progress import progress_bar
 
 REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (BENCHMARKS.md)
+# graph columns (Bridges): cost per full-length column / VJP cost per row, at the deepest hook's
+# depth, growing with the hooks stacked into the graph (SmolLM2 Bridge, 8 tokens: 18 and 90
+# sweep hooks; BENCHMARKS.md, "Engine notes")
+GRAPH_COST, GRAPH_COST_PER_HOOK = 0.57, 0.007
 DEFAULT_FWD_CHUNK = 192  # columns per replay, at least
 FWD_PASS_TOKENS = 4096  # columns × positions per replay at short inputs (BENCHMARKS.md)
 
@@ -121,14 +127,18 @@ def choose_engine(model: Any, n_tokens: int, tgt: Sequence[int], hooks: Sequence
                   d_out: dict[str, int] | None = None, d_in: int | None = None) -> str:
     """``"forward"`` when the replay's column count beats the VJPs' row count (cost model in the
     module docstring), else ``"reverse"``."""
-    if is_bridge(model) or LOGITS in hooks:
+    if LOGITS in hooks:
         return "reverse"
     d_in = d_in or int(model.cfg.d_model)
     dm = int(model.cfg.d_model)
     rows = sum(len(tgt) * (d_out or {}).get(h, dm) * _depth(model, h) for h in hooks)
-    # token s's columns are replayed on positions s: only
-    full_len = sum((n_tokens - s) / n_tokens for s in range(max(tgt) + 1))
-    cols = REPLAY_COST * full_len * d_in * max(_depth(model, h) for h in hooks)
+    depth = max(_depth(model, h) for h in hooks)
+    if is_bridge(model):  # graph columns: every source token, full length
+        per = GRAPH_COST + GRAPH_COST_PER_HOOK * len(set(hooks))
+        cols = per * (max(tgt) + 1) * d_in * depth
+    else:  # token s's columns are replayed on positions s: only
+        full_len = sum((n_tokens - s) / n_tokens for s in range(max(tgt) + 1))
+        cols = REPLAY_COST * full_len * d_in * depth
     return "forward" if cols < rows else "reverse"
 
 

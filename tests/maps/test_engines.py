@@ -162,10 +162,11 @@ def test_forward_engine_from_the_graph_where_replay_cannot_follow(arch, backend)
 def test_auto_choice(backend):
     model = tiny("gpt2", backend)  # d_model 16, 2 layers
     sweep = layer_sweep_hooks(model)
-    # 6 hooks x 16 rows > 2 x 16 cols; auto never picks the (costlier) graph engine on a Bridge
-    assert choose_engine(model, 2, [1], sweep) == {"hooked": "forward", "bridge": "reverse"}[
-        backend]
+    # 6 hooks x 16 rows > 2 x 16 cols: the replay on HookedTransformer, graph columns on a Bridge
+    assert choose_engine(model, 2, [1], sweep) == "forward"
     assert choose_engine(model, 40, [39], ["blocks.1.hook_resid_post"]) == "reverse"
+    # one hook at the last of 8 positions: 16 rows against 8 x 16 columns
+    assert choose_engine(model, 8, [7], ["blocks.1.hook_resid_post"]) == "reverse"
     assert choose_engine(model, 3, [2], ["logits"]) == "reverse"
 
 
