@@ -33,7 +33,7 @@ from lin_lens.progress import progress_bar
 REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (BENCHMARKS.md)
 # graph columns (Bridges): cost per full-length column / VJP cost per row, at the deepest hook's
 # depth, growing with the hooks stacked into the graph (SmolLM2 Bridge, 8 tokens: 18 and 90
-# sweep hooks; BENCHMARKS.md, "Engine notes")
+# sweep hooks; BENCHMARKS.md, "TransformerBridge")
 GRAPH_COST, GRAPH_COST_PER_HOOK = 0.57, 0.007
 DEFAULT_FWD_CHUNK = 192  # columns per replay, at least
 FWD_PASS_TOKENS = 4096  # columns × positions per replay at short inputs (BENCHMARKS.md)
