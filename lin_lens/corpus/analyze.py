@@ -16,7 +16,7 @@ from typing import Any
 import lin_lens
 from lin_lens._numeric import relative_error
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import is_bridge, model_dtype
+from lin_lens._tl import hook_dict, is_bridge, model_dtype
 from lin_lens.analyses.prompt import analyze_prompt
 from lin_lens.corpus.schema import SCHEMA_VERSION, prompt_id
 from lin_lens.decoding import Decoding, token_strings
@@ -52,8 +52,8 @@ def check_hooks(model: Any, settings: dict[str, Any]) -> None:
     make every prompt an error row)."""
     for what in ("hook", "source"):
         name = settings[what]
-        if name != "logits" and name not in model.hook_dict:
-            close = [h for h in model.hook_dict if h.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+        if name != "logits" and name not in hook_dict(model):
+            close = [h for h in hook_dict(model) if h.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
             hint = f"; e.g. {', '.join(close[:3])}" if close else ""
             raise InvalidArgumentError(f"{what} {name!r} is not a hook of this model{hint}")
 

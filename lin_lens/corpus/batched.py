@@ -36,6 +36,7 @@ import lin_lens
 from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import biases as nonzero_biases
+from lin_lens._tl import hook_dict
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError, LinLensError
 
 ORIGIN = "biases+positions"  # the one constant origin of a batched map
@@ -182,7 +183,7 @@ def _scrub_hooks(model: Any, mask: Tensor) -> list:
     mode) changes only pad rows; real rows have a finite pattern."""
     if bool(mask.all()):
         return []
-    return [(n, _scrub_nan) for n in model.hook_dict if n.endswith("attn.hook_pattern")]
+    return [(n, _scrub_nan) for n in hook_dict(model) if n.endswith("attn.hook_pattern")]
 
 
 def _rotary_only(model: Any) -> bool:
@@ -228,7 +229,7 @@ def batched_contributions(
         direction=u_b).contributions()`` to rounding.
     """
     for name, h in (("source", source), ("hook", hook)):
-        if h != "logits" and h not in model.hook_dict:
+        if h != "logits" and h not in hook_dict(model):
             raise InvalidArgumentError(f"{name} {h!r} is not a hook of this model")
     tokens, mask = pad_batch(model, prompts, padding_side, prepend_bos)
     target = _targets(pos, mask, padding_side)
@@ -298,7 +299,7 @@ def _constant(model: Any, tokens: Tensor, mask: Tensor, kw: dict, hook: str, sou
     biases = {n: p.detach() for n, p in nonzero_biases(model).items()}
     # the input origins other than the source (as linear_map's leaves): on a Bridge a
     # residual-stream source may not cut the path from the embeddings
-    origins = [h for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict and h != source]
+    origins = [h for h in ("hook_embed", "hook_pos_embed") if h in hook_dict(model) and h != source]
     if not (biases or "hook_embed" in origins
             or ("hook_pos_embed" in origins and not _rotary_only(model))):
         return zero  # nothing but the source reaches the target: exactly 0

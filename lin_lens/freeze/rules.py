@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lin_lens._tl import is_bridge, parent_module, plain_attention_bridge, unique_hooks
+from lin_lens._tl import hook_dict, is_bridge, parent_module, plain_attention_bridge, unique_hooks
 from lin_lens.errors import UnsupportedFeatureError
 from lin_lens.freeze.gates import check_gate, gate_fn, relinearize
 
@@ -185,8 +185,8 @@ def read_before_cut(model: Any, hook: str, cuts: set[str] | None = None) -> bool
     there: a hook whose value detached mode detaches (a gated MLP's gate pre-activation is
     linear, but cut right at its hook); every other hook is read after lin_lens's hooks.
     ``cuts``: :func:`cut_hooks` of the model, when the caller has them already."""
-    if hook == "logits" or hook not in model.hook_dict:
+    if hook == "logits" or hook not in hook_dict(model):
         return False
-    name = model.hook_dict[hook].name or hook
+    name = hook_dict(model)[hook].name or hook
     cuts = cut_hooks(model) if cuts is None else cuts
-    return any((model.hook_dict[c].name or c) == name for c in cuts)
+    return any((hook_dict(model)[c].name or c) == name for c in cuts)

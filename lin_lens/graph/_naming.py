@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lin_lens._tl import hook_dict
+
 
 def is_gated(model: Any, layer: int) -> bool:
     """Gated MLP: ``mlp.hook_pre`` is the gate pre-activation, ``hook_pre_linear`` the up branch."""
-    return f"blocks.{layer}.mlp.hook_pre_linear" in model.hook_dict
+    return f"blocks.{layer}.mlp.hook_pre_linear" in hook_dict(model)
 
 
 def clean_name(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, canonical
+from lin_lens._tl import LOGITS, canonical, hook_dict
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.graph._naming import clean_name, param_layer
 from lin_lens.graph.nodes import NodeSpace
@@ -33,7 +33,7 @@ def node_hooks(model: Any) -> list[str]:
     hooks = []
     for layer in range(model.cfg.n_layers):
         for h in (f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.mlp.hook_post"):
-            if h not in model.hook_dict:
+            if h not in hook_dict(model):
                 raise UnsupportedFeatureError(
                     f"{h}: this model has no such hook (mixture-of-experts or another MLP / "
                     "attention form), so its heads or neurons cannot be graph nodes")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lin_lens._hooks import HookSet, zeroed
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, unique_hooks
+from lin_lens._tl import LOGITS, hook_dict, unique_hooks
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import read_before_cut
 from lin_lens.graph._naming import is_gated
@@ -116,7 +116,7 @@ class _Run:
             for name in ["hook_embed", "hook_pos_embed"] + [
                     f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers)
                     for h in ("attn.hook_z", "mlp.hook_post")]:
-                if name in model.hook_dict:
+                if name in hook_dict(model):
                     hs.add(name, self._node_hook(name))
             if hook != LOGITS:
                 hs.add(hook, self._read, prepend=read_before_cut(model, hook))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, is_bridge
+from lin_lens._tl import LOGITS, hook_dict, is_bridge
 from lin_lens.maps import budget
 from lin_lens.maps.columns import open_columns
 from lin_lens.maps.replay import Replay, ReplayUnsupported, layer_of
@@ -146,4 +146,4 @@ def layer_sweep_hooks(model: Any, kinds: Sequence[str] = ("resid_post", "attn_ou
                       ) -> list[str]:
     """``blocks.L.hook_<kind>`` for every layer and kind that the model has."""
     return [f"blocks.{layer}.hook_{k}" for layer in range(int(model.cfg.n_layers)) for k in kinds
-            if f"blocks.{layer}.hook_{k}" in model.hook_dict]
+            if f"blocks.{layer}.hook_{k}" in hook_dict(model)]

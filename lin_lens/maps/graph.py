@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._hooks import HookSet, flags_for, requires_grad
-from lin_lens._tl import LOGITS, biases, canonical
+from lin_lens._tl import LOGITS, biases, canonical, hook_dict
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import cut_hooks, detached, read_before_cut
 
@@ -165,7 +165,7 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
             hs.add(h, p.probe(h))
         if constants:
             for origin in ("hook_embed", "hook_pos_embed"):
-                if origin in model.hook_dict and canonical(model, origin) != src_name:
+                if origin in hook_dict(model) and canonical(model, origin) != src_name:
                     hs.add(origin, p.leaf(origin))
         if record is not None:
             record(hs)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lin_lens._hooks import HookSet
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, biases, model_device
+from lin_lens._tl import LOGITS, biases, hook_dict, model_device
 from lin_lens.errors import InvalidArgumentError
 
 
@@ -34,7 +34,7 @@ def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Se
 
     with fwAD.dual_level(), torch.no_grad(), HookSet(model) as hs:
         for h in ("hook_embed", "hook_pos_embed"):
-            if h in model.hook_dict:
+            if h in hook_dict(model):
                 hs.add(h, dual)
         if hook != LOGITS:
             hs.add(hook, grab)

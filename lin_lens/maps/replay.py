@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._hooks import HookSet
-from lin_lens._tl import LOGITS, biases, canonical, is_bridge
+from lin_lens._tl import LOGITS, biases, canonical, hook_dict, is_bridge
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import freezing_rules
 from lin_lens.freeze.gates import gate_fn
@@ -69,14 +69,14 @@ class Replay:
                 continue  # clip_qkv check, values unaffected
             else:
                 raise ReplayUnsupported(f"no replay rule for freezing hook {r.hook!r}")
-        if any(post not in model.hook_dict for _, post in self.pre_post):
+        if any(post not in hook_dict(model) for _, post in self.pre_post):
             raise ReplayUnsupported("plain MLP without hook_post")
         self._gate = gate_fn(act) if self.pre_post else None
         # one frozen value per firing, in order (a norm fires three times per block with
         # use_split_qkv_input: on the q, k and v inputs)
         self.values: dict[str, list[Tensor]] = {}
         self.gates: dict[str, list[Tensor]] = {}
-        self.pos_origin = ("hook_pos_embed" in model.hook_dict
+        self.pos_origin = ("hook_pos_embed" in hook_dict(model)
                            and canonical(model, "hook_pos_embed") != canonical(model, source))
         last = max(layer_of(model, h) for h in self.targets)
         blocks_only = all(h.startswith("blocks.") for h in self.targets)
@@ -94,7 +94,7 @@ class Replay:
         for h in self.freeze:
             mlp = h[: -len("hook_pre")]  # "blocks.L.mlp."
             if (not h.endswith("mlp.hook_pre") or h in self.targets  # a target reads it live
-                    or mlp + "hook_pre_linear" not in self.model.hook_dict):
+                    or mlp + "hook_pre_linear" not in hook_dict(self.model)):
                 continue
             name = mlp + "W_gate"
             try:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._numeric import relative_error
-from lin_lens._tl import canonical
+from lin_lens._tl import canonical, hook_dict
 from lin_lens.errors import UnsupportedFeatureError
 from lin_lens.freeze import detached
 from lin_lens.maps.result import default_tolerance
@@ -82,7 +82,7 @@ def form_hooks(model: Any, layers: Sequence[int]) -> set[str]:
         for leaf in ("hook_rot_q", "hook_rot_k", "hook_q", "hook_k", "hook_cos", "hook_sin",
                      "hook_attn_scores", "hook_pattern"):
             h = f"blocks.{L}.attn.{leaf}"
-            if h in model.hook_dict:
+            if h in hook_dict(model):
                 names.update((h, canonical(model, h)))
     return names
 
@@ -114,7 +114,7 @@ def _refuse_unsupported(model: Any) -> None:
 
 def _get(model: Any, cache: Any, L: int, leaf: str) -> Tensor | None:
     h = f"blocks.{L}.attn.{leaf}"
-    if h not in model.hook_dict:
+    if h not in hook_dict(model):
         return None
     return cache.cache_dict.get(canonical(model, h))
 

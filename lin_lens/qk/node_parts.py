@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import canonical
+from lin_lens._tl import canonical, hook_dict
 from lin_lens.freeze import detached
 
 
@@ -39,7 +39,7 @@ def node_cache(model: Any, tokens: Tensor, last: int, extra: set[str] | None = N
     (and the hooks in ``extra``, so that one forward pass serves other readers too)."""
     leaves = ("hook_embed", "hook_pos_embed", "attn.hook_z", "mlp.hook_post", "hook_mlp_out",
               "hook_scale", "hook_resid_pre")
-    wanted = [h for h in model.hook_dict if h.endswith(leaves) and (
+    wanted = [h for h in hook_dict(model) if h.endswith(leaves) and (
         not h.startswith("blocks.") or int(h.split(".")[1]) <= last)]
     names = set(wanted) | {canonical(model, h) for h in wanted} | set(extra or ())
     kw = {"stop_at_layer": last + 1} if last + 1 < int(model.cfg.n_layers) else {}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._numeric import relative_error
-from lin_lens._tl import canonical
+from lin_lens._tl import canonical, hook_dict
 from lin_lens.analyses.decompose import post_norm_parts, writes
 from lin_lens.errors import InvalidArgumentError, NotExactError, UnsupportedFeatureError
 from lin_lens.maps import budget, default_tolerance
@@ -390,7 +390,7 @@ def node_sides(model: Any, tokens: Tensor, form: ScoreForm, n: int,
     """The node parts of layer ``form.layer`` for queries below position ``n`` (``cache``: a
     :func:`~lin_lens.qk.node_parts.node_cache` of ``tokens[:, :n]`` reaching that layer)."""
     for h in (f"blocks.{form.layer}.hook_resid_pre",):
-        if h not in model.hook_dict:
+        if h not in hook_dict(model):
             raise UnsupportedFeatureError(f"{h}: by='nodes' reads the residual stream there")
     if canonical(model, form.q_hook) == canonical(model, form.k_hook):
         raise UnsupportedFeatureError("queries and keys share one hook")

@@ -124,3 +124,24 @@ def test_selected_outputs_near_zero_are_measured_at_their_scale():
     # ... and a map whose linear part is off by 1 % (an unfrozen gate leaves far more) is caught
     lm.J4 = lm.J4 * (1 + 1e-2)
     assert lm.relative_error > lin_lens.default_tolerance(torch.float32)
+
+
+def test_hook_dict_is_read_once_per_registry_state():
+    # A Bridge rebuilds hook_dict (every alias) on each access; lin_lens reads it hundreds of
+    # times per map, so it keeps one copy per state of the Bridge's hook registry.
+    from lin_lens._tl import hook_dict
+
+    m = tiny_bridge("gpt2")
+    first = hook_dict(m)
+    assert first is hook_dict(m)
+    assert first.keys() == m.hook_dict.keys()
+    assert all(first[k] is v for k, v in m.hook_dict.items())
+    reg = m._hook_registry
+    reg["test.extra_hook"] = next(iter(reg.values()))  # the registry grows: a fresh copy
+    try:
+        assert "test.extra_hook" in hook_dict(m) and hook_dict(m) is not first
+    finally:
+        del reg["test.extra_hook"]
+    if HAS_HOOKED:
+        h = tiny_model("gpt2")
+        assert hook_dict(h) is h.hook_dict  # HookedTransformer keeps its own dict
