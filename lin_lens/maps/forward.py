@@ -2,7 +2,7 @@
 
 Columns come from the replay of the frozen network (:mod:`.replay`, HookedTransformer) or, where
 the replay has no rule (Bridges, SoLU), from :class:`GraphColumns`: the double-backward of the
-detached graph, every hook at once as well, at about half a VJP per column (more with many hooks)
+detached graph, every hook at once as well, at about a VJP per column (more with many hooks)
 and without the causal truncation. Cost ∝ columns = n_src · d_in, (nearly) independent of the
 number of hooks.
 
@@ -34,7 +34,7 @@ REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (BENCHMARKS.md)
 # graph columns (Bridges): cost per full-length column / VJP cost per row, at the deepest hook's
 # depth, growing with the hooks stacked into the graph (SmolLM2 Bridge, 8 tokens: 18 and 90
 # sweep hooks; BENCHMARKS.md, "TransformerBridge")
-GRAPH_COST, GRAPH_COST_PER_HOOK = 0.57, 0.007
+GRAPH_COST, GRAPH_COST_PER_HOOK = 0.92, 0.005
 DEFAULT_FWD_CHUNK = 192  # columns per replay, at least
 FWD_PASS_TOKENS = 4096  # columns × positions per replay at short inputs (BENCHMARKS.md)
 
