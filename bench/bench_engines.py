@@ -102,12 +102,16 @@ def tokens(n):
     return C.prompt_tokens(tok, n)
 
 
-def patch_hf_detached():
+def patch_hf_detached() -> tuple:
     """Detach the norm scale, act(gate) and softmax weights in the HF Llama modules (bench only).
     Norms and softmax are computed in the model dtype (HF upcasts to fp32, which would be a
-    downcast in fp64 and cost the fp64 comparison its precision)."""
+    downcast in fp64 and cost the fp64 comparison its precision). Returns the original
+    ``(LlamaRMSNorm.forward, LlamaMLP.forward, eager_attention_forward)`` for a caller that
+    restores them."""
     from torch import nn
     from transformers.models.llama import modeling_llama as ml
+
+    saved = (ml.LlamaRMSNorm.forward, ml.LlamaMLP.forward, ml.eager_attention_forward)
 
     def rms_forward(self, h):
         var = h.pow(2).mean(-1, keepdim=True)
@@ -129,6 +133,7 @@ def patch_hf_detached():
     ml.LlamaRMSNorm.forward = rms_forward
     ml.LlamaMLP.forward = mlp_forward
     ml.eager_attention_forward = eager
+    return saved
 
 
 # -- engines (children) --------------------------------------------------------------------------

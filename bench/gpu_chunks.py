@@ -23,7 +23,16 @@ os.environ.setdefault("LIN_LENS_PROGRESS", "0")
 
 import torch  # noqa: E402
 
-from bench.gpu_headline import HOOK, T0, log, peak_gb, peak_reset, reference_patch, sync  # noqa: E402
+from bench.gpu_headline import (  # noqa: E402
+    HOOK,
+    T0,
+    hf_reference,
+    log,
+    peak_gb,
+    peak_reset,
+    reference_patch,
+    sync,
+)
 from bench.paper_scale import CONFIGS, build  # noqa: E402
 
 
@@ -37,22 +46,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"),
                                                   "gpu_chunks.json"))
     args = ap.parse_args()
-    import transformers as tf
-
     import lin_lens
 
     name, dev = "llama3.2-3b", args.device
     layers = args.layers or CONFIGS[name]["num_hidden_layers"]
     bridge, _ = build(name, layers, dev, torch.float32)
-    c = dict(CONFIGS[name])
-    cfg = getattr(tf, c.pop("cls"))(**{**c, "num_hidden_layers": layers})
-    torch.manual_seed(0)
-    with torch.device(dev):
-        hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    hf.eval()
-    for p in hf.parameters():
-        p.requires_grad_(False)
+    hf, c = hf_reference(name, layers, dev)
     g = torch.Generator().manual_seed(0)
     records: list[dict] = []
     for n in [int(v) for v in args.n.split(",")]:

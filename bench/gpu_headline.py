@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,31 +63,14 @@ def peak_gb(device: str) -> float | None:
 
 @contextlib.contextmanager
 def reference_patch():
-    """The paper's detach points in Hugging Face's Llama modules, for the reference's calls only
-    (the Bridge wraps the same classes: the originals come back after each call)."""
-    from torch import nn
+    """The paper's detach points in Hugging Face's Llama modules
+    (:func:`bench.bench_engines.patch_hf_detached`), for the reference's calls only (the Bridge
+    wraps the same classes: the originals come back after each call)."""
     from transformers.models.llama import modeling_llama as ml
 
-    saved = (ml.LlamaRMSNorm.forward, ml.LlamaMLP.forward, ml.eager_attention_forward)
+    from bench.bench_engines import patch_hf_detached
 
-    def rms_forward(self, h):
-        var = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(var + self.variance_epsilon).detach())
-
-    def mlp_forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)).detach() * self.up_proj(x))
-
-    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
-        k = ml.repeat_kv(key, module.num_key_value_groups)
-        v = ml.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask
-        w = nn.functional.softmax(w, dim=-1).detach()
-        return torch.matmul(w, v).transpose(1, 2).contiguous(), w
-
-    ml.LlamaRMSNorm.forward, ml.LlamaMLP.forward, ml.eager_attention_forward = (
-        rms_forward, mlp_forward, eager)
+    saved = patch_hf_detached()
     prec = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference at full float32 too
     torch.set_float32_matmul_precision("highest")
@@ -98,24 +82,33 @@ def reference_patch():
         torch.set_float32_matmul_precision(prec[1])
 
 
-def ratio(args, records: list) -> None:
+def hf_reference(name: str, layers: int | None, dev: str) -> tuple[Any, dict]:
+    """The reference's Hugging Face model of config ``name`` (eager attention, float32, frozen
+    parameters) with the same random weights as :func:`bench.paper_scale.build` gives the
+    Bridge (seed 0), and the config's fields."""
     import transformers as tf
 
-    import lin_lens
-
-    name, dev = "llama3.2-3b", args.device
-    bridge, secs = build(name, args.layers or CONFIGS[name]["num_hidden_layers"], dev,
-                         torch.float32)
     c = dict(CONFIGS[name])
-    cfg = getattr(tf, c.pop("cls"))(**{**c, "num_hidden_layers": args.layers
+    cfg = getattr(tf, c.pop("cls"))(**{**c, "num_hidden_layers": layers
                                        or c["num_hidden_layers"]})
-    torch.manual_seed(0)  # the same weights as the Bridge's (paper_scale.build seeds 0)
+    torch.manual_seed(0)
     with torch.device(dev):
         hf = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                                  attn_implementation="eager")
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
+    return hf, c
+
+
+def ratio(args, records: list) -> None:
+
+    import lin_lens
+
+    name, dev = "llama3.2-3b", args.device
+    bridge, secs = build(name, args.layers or CONFIGS[name]["num_hidden_layers"], dev,
+                         torch.float32)
+    hf, c = hf_reference(name, args.layers, dev)
     log(f"built {name} Bridge ({secs:.1f} s) and its Hugging Face reference")
     g = torch.Generator().manual_seed(0)
     budget = int(torch.cuda.mem_get_info()[0] * 0.8) if dev.startswith("cuda") else None
