@@ -1,8 +1,11 @@
 """TransformerBridge against HookedTransformer on the same model, prompt and machine (issue 26):
-``layer_sweep`` (default kinds) and one ``linear_map`` at ``ln_final.hook_normalized``, SmolLM2-135M
-float32, 2 threads, the backends alternating within each repeat; the engine each one chose.
+``layer_sweep`` (default kinds), one ``linear_map`` at ``ln_final.hook_normalized``, and with
+``--what`` also an ``attribution_graph`` (heads and neurons, default pruning) and a corpus run
+(``lin_lens.corpus.run`` over the first 10 shipped phrases, default rows), SmolLM2-135M float32,
+2 threads, the backends alternating within each repeat; the engine each one chose.
 
-    python bench/bench_bridge.py                  # 3 repeats
+    python bench/bench_bridge.py                  # 3 repeats of the sweep and the map
+    python bench/bench_bridge.py --what graph,corpus --reps 3
     python bench/bench_bridge.py --reps 1 --json bench/results/bridge.json
     python bench/bench_bridge.py --stages         # where the time goes: the sweep's stages
 """
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -31,6 +35,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--what", default="layer_sweep,linear_map",
+                    help="comma-separated: layer_sweep, linear_map, graph, corpus")
     ap.add_argument("--stages", action="store_true",
                     help="time the sweep's stages instead (one run each)")
     args = ap.parse_args()
@@ -40,11 +46,19 @@ def main() -> None:
               for b in ("hooked", "bridge")}
     if args.stages:
         return stages(models)
-    runs = {
+    from lin_lens import corpus
+    from lin_lens.graph import attribution_graph
+
+    phrases = corpus.load_prompts("phrases")[:10]
+    every = {
         "layer_sweep": lambda m: lin_lens.layer_sweep(m, TEXT, progress=False),
         "linear_map": lambda m: lin_lens.linear_map(m, TEXT, "ln_final.hook_normalized", -1,
                                                     progress=False),
+        "graph": lambda m: attribution_graph(m, TEXT, progress=False),
+        "corpus": lambda m: corpus.run(m, phrases, tempfile.mkdtemp(prefix="lin_lens_bridge_"),
+                                       progress=False),
     }
+    runs = {r: every[r] for r in args.what.split(",")}
     for m in models.values():  # warm-up (allocator, lazy imports, the Bridge's first hooks)
         lin_lens.linear_map(m, TEXT[:12], "ln_final.hook_normalized", -1, progress=False)
     times: dict[str, list[float]] = {f"{r} {b}": [] for r in runs for b in models}
@@ -59,6 +73,11 @@ def main() -> None:
                 if isinstance(out, lin_lens.LinearMap):
                     notes[f"{r} {b}"] = (f"engine {out.meta.get('engine', 'reverse')}, "
                                          f"rel. error {out.relative_error:.1e}")
+                elif isinstance(out, str):  # the corpus run's output directory
+                    notes[f"{r} {b}"] = f"{len(phrases)} prompts"
+                elif hasattr(out, "node_errors"):
+                    notes[f"{r} {b}"] = (f"{out.n_nodes} nodes, {out.n_edges} edges, rel. error "
+                                         f"{max(out.node_errors().values()):.1e}")
                 else:
                     worst = max(float(e.max()) for e in out.relative_error.values())
                     notes[f"{r} {b}"] = f"worst rel. error {worst:.1e}"

@@ -20,16 +20,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lin_lens._precision import exact_matmul
-from lin_lens._tl import LOGITS, model_dtype
-from lin_lens._types import Inputs
+from lin_lens._tl import LOGITS, model_device, model_dtype
+from lin_lens._types import Inputs, MemoryBudget
 from lin_lens.errors import ArgumentTypeError, InvalidArgumentError, NotExactError
 from lin_lens.graph import prune as P
-from lin_lens.graph.engine import Attributor
+from lin_lens.graph.engine import Attributor, row_memory
 from lin_lens.graph.nodes import KINDS, SOURCES, TOTAL_VALUED
 from lin_lens.graph.qk import attach_qk
 from lin_lens.graph.result import AttributionGraph
 from lin_lens.graph.writes import node_writes
-from lin_lens.maps import default_tolerance, to_tokens
+from lin_lens.maps import budget, default_tolerance, to_tokens
 from lin_lens.maps.request import check_hook, is_int_position, positions
 from lin_lens.progress import progress_bar
 
@@ -59,6 +59,7 @@ def attribution_graph(
     qk: bool = False,
     qk_keys: int = 1,
     qk_top: int = 10,
+    max_memory: MemoryBudget = None,
 ) -> AttributionGraph:
     """The exact attribution graph of ``target`` for one prompt, in detached mode.
 
@@ -91,7 +92,9 @@ def attribution_graph(
         node_threshold, edge_threshold: cumulative influence kept (circuit-tracer's 0.8, 0.98).
         max_nodes: at most this many receivers get their rows for the influence ranking
             (None: all).
-        batch_size: receivers per batched backward pass.
+        batch_size: receivers per batched backward pass, at most: fewer at long prompts
+            (about ``lin_lens.maps.budget.PASS_ROWS`` token-rows per pass, and what fits
+            ``max_memory``: each row spans every candidate sender; ``meta["batch_size"]``).
         row_top_k: entries per row kept for the influence ranking (exact rows are recomputed
             for the kept nodes).
         check, tol: refuse (:class:`lin_lens.NotExactError`) a graph whose targets are not the
@@ -103,6 +106,9 @@ def attribution_graph(
         qk: also explain why each kept head attends where it does (``graph.qk``, Neuronpedia's
             ``qk_tracing_results`` per head node: ``lin_lens.graph.qk.attach_qk``), at its
             ``qk_keys`` most attended keys with ``qk_top`` contributors per list.
+        max_memory: byte budget (int or e.g. ``"8GB"``; default min(available RAM / 2, 8 GB)).
+            A prompt whose graph does not fit one row at a time is refused before any pass
+            (:class:`lin_lens.MemoryBudgetError`, with the estimate).
     """
     t0 = time.perf_counter()
     tokens = to_tokens(model, prompt, prepend_bos)
@@ -121,6 +127,7 @@ def attribution_graph(
         raise InvalidArgumentError(
             f"max_nodes={max_nodes!r}, batch_size={batch_size!r}, row_top_k={row_top_k!r} "
             "must be positive")
+    batch_size = _fitting_batch(model, n, nodes, batch_size, max_memory)
     strs = _str_tokens(model, tokens)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
@@ -135,6 +142,7 @@ def attribution_graph(
     graph.meta.update(
         prune=prune, node_threshold=node_threshold, edge_threshold=edge_threshold,
         max_nodes=max_nodes, row_top_k=row_top_k, n_candidates=att.space.size,
+        batch_size=batch_size,
         rows_computed=part.rows, seconds=round(time.perf_counter() - t0, 3))
     if check:
         bound = tol if tol is not None else default_tolerance(model_dtype(model))
@@ -161,6 +169,19 @@ class Kept:
     infl: Tensor
     full_in: Tensor
     rows: int
+
+
+def _fitting_batch(model: Any, n: int, nodes: tuple[str, ...], batch_size: int,
+                   max_memory: MemoryBudget) -> int:
+    fixed, per_row = row_memory(model, n, model_dtype(model), "heads" in nodes,
+                                "neurons" in nodes)
+    free = budget.check(fixed + per_row, f"an attribution graph of {n} tokens (one row per pass)",
+                        max_memory, device=model_device(model), hint=(
+                            "Shorten the prompt, leave out node kinds (nodes=('heads',)), or "
+                            "raise max_memory.")) - fixed
+    # bigger passes stop paying beyond about PASS_ROWS token-rows, as for linear_map's rows
+    # (8 tokens: batch 128 8.5 s, 16 9.3 s; 32 tokens: 128 27.3 s, 8-32 24 s; BENCHMARKS.md)
+    return max(1, min(batch_size, budget.PASS_ROWS // n, free // per_row))
 
 
 def _batches(idx: Tensor, size: int):

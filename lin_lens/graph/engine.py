@@ -22,9 +22,11 @@ from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.graph._naming import clean_name, param_layer
 from lin_lens.graph.nodes import NodeSpace
 from lin_lens.graph.target import resolve_target
+from lin_lens.maps import budget
 from lin_lens.maps.graph import Forward, batched_grad, detached_forward
 
 EMBED = "hook_embed"
+_ABS_ROWS = 8  # rows whose |edges| are ranked at once (top_k mode)
 
 
 def node_hooks(model: Any) -> list[str]:
@@ -39,6 +41,26 @@ def node_hooks(model: Any) -> list[str]:
                     "attention form), so its heads or neurons cannot be graph nodes")
             hooks.append(h)
     return hooks
+
+
+def row_memory(model: Any, n: int, dtype: torch.dtype, heads: bool, neurons: bool
+               ) -> tuple[int, int]:
+    """Bytes an ``n``-token graph holds throughout and bytes per receiver row of a batched
+    pass, estimated from the config before any pass.
+
+    Throughout: the detached forward kept for the backward passes and a dozen float64
+    vectors over the node space (weights, influence, masks). Per row: the gradient at every
+    node output, the row over every sender (``Attributor.rows``'s buffer) and the backward
+    pass's working memory. Both grow linearly with ``n`` (the senders are per position), so
+    the batch that fits shrinks as ``1/n``."""
+    cfg = model.cfg
+    L, d, d_mlp = int(cfg.n_layers), int(cfg.d_model), int(cfg.d_mlp or 4 * cfg.d_model)
+    h, d_head = int(cfg.n_heads), int(cfg.d_head)
+    senders = L * ((h if heads else 1) + (d_mlp if neurons else 1)) + 1  # per position
+    grads = L * ((h * d_head if heads else d) + (d_mlp if neurons else d)) + d
+    fixed = budget.graph_bytes(model, n, dtype) + 12 * 8 * n * senders
+    per_row = budget.itemsize(dtype) * n * (senders + grads) + budget.row_bytes(model, n, dtype)
+    return fixed, per_row
 
 
 def _target_act(fwd: Forward, model: Any, hook: str) -> Tensor:
@@ -137,12 +159,16 @@ class Attributor:
                 dense[:, b.start:b.stop] = b.reduce(g * self._values[b.source], n)
             del g
         res = {"total": dense.sum(-1)}
-        if top_k is not None:
-            mag = dense.abs()
-            res["abs_sum"] = mag.sum(-1)
-            top = torch.topk(mag, min(top_k, mag.shape[1]), dim=-1)
+        if top_k is not None:  # |row| a few rows at a time: a whole copy would double the buffer
+            k = min(top_k, dense.shape[1])
+            abs_sum, cols = dense.new_empty(B), torch.empty((B, k), dtype=torch.long,
+                                                           device=dense.device)
+            for i in range(0, B, _ABS_ROWS):
+                mag = dense[i:i + _ABS_ROWS].abs()
+                abs_sum[i:i + _ABS_ROWS] = mag.sum(-1)
+                cols[i:i + _ABS_ROWS] = torch.topk(mag, k, dim=-1).indices
             del mag
-            res["cols"], res["vals"] = top.indices, dense.gather(1, top.indices)
+            res["abs_sum"], res["cols"], res["vals"] = abs_sum, cols, dense.gather(1, cols)
         elif select is not None:
             res["select"] = dense[:, select.to(dense.device)]
         else:

@@ -93,3 +93,32 @@ def test_heads_only_graph_prunes_too():
     g = attribution_graph(model("bridge", "pythia"), TOKENS, nodes="heads")
     assert {"head", "mlp"} & set(g.kinds) and "neuron" not in g.kinds
     assert g.relative_error <= 1e-12
+
+
+@pytest.mark.parametrize("backend,arch", PAIR)
+def test_batch_shrinks_to_the_memory_budget_with_the_same_graph(backend, arch):
+    from lin_lens.graph.engine import row_memory
+
+    m = model(backend, arch)
+    default = pruned_graph(backend, arch)
+    assert default.meta["batch_size"] == 128  # tiny: the asked batch fits
+    fixed, per_row = row_memory(m, len(TOKENS), torch.float64, True, True)
+    tight = attribution_graph(m, TOKENS, max_memory=fixed + 3 * per_row)
+    assert tight.meta["batch_size"] == 3  # more passes (top-k ranked 3 rows at a time) ...
+    assert tight.node_ids.tolist() == default.node_ids.tolist()  # ... the same graph
+    assert torch.allclose(tight.adjacency, default.adjacency, rtol=0, atol=1e-13)
+    assert torch.equal(tight.edge_mask, default.edge_mask)
+
+
+@pytest.mark.parametrize("backend,arch", PAIR)
+def test_a_graph_that_cannot_fit_is_refused_before_any_pass(backend, arch):
+    from lin_lens import MemoryBudgetError
+    from lin_lens.graph.engine import row_memory
+    from tests.conftest import assert_same_state, state
+
+    m = model(backend, arch)
+    fixed, per_row = row_memory(m, len(TOKENS), torch.float64, True, True)
+    before = state(m)
+    with pytest.raises(MemoryBudgetError, match=r"attribution graph of \d+ tokens.*Shorten"):
+        attribution_graph(m, TOKENS, max_memory=fixed + per_row - 1)
+    assert_same_state(before, m)
