@@ -75,6 +75,7 @@ def hf_model(dtype):
     hf = hf.to(dtype)
     torch.save(hf, p)
     torch.save(tok, f"{CACHE}/tok.pt")
+    _eager(hf)  # as when loaded from the cache: the patched detaches live in the eager path
     return hf, tok
 
 
