@@ -5,6 +5,8 @@ each gets its own peak RSS.
     python bench/bench_graph_lengths.py --n 8,32,128,512 --qk          # the table in BENCHMARKS.md
     python bench/bench_graph_lengths.py --n 8 --backend bridge         # the same on a Bridge
     python bench/bench_graph_lengths.py one 128 --qk                   # one child, JSON on stdout
+    python3 bench/bench_graph_lengths.py --random smollm2-135m --device cuda --n 128,512,1024
+        # a GPU without the weights: the same config, random weights (bench/paper_scale.py)
 
 Per length: graph seconds (``graph.meta["seconds"]``, pruning and exact rows), the QK section's
 seconds (``qk=True``), the rows computed, candidate and kept nodes, kept edges, the target's and
@@ -32,7 +34,15 @@ TEXT = ("The bridge out of Marin is the Golden Gate, which opened in 1937 and ca
         "in the fog that rolls in from the sea on summer afternoons. ")
 
 
-def child(n: int, qk: bool, backend: str) -> dict:
+def _random(name: str, device: str):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.paper_scale import CONFIGS, build
+
+    return build(name, CONFIGS[name]["num_hidden_layers"], device, torch.float32)[0]
+
+
+def child(n: int, qk: bool, backend: str, random: str | None = None, device: str = "cpu"
+          ) -> dict:
     import resource
     import warnings
 
@@ -41,8 +51,17 @@ def child(n: int, qk: bool, backend: str) -> dict:
     from lin_lens.graph import attribution_graph
 
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    model = lin_lens.load_model("smollm2-135m", dtype=torch.float32, backend=backend)
-    ids = model.to_tokens(TEXT * (1 + n // 40), prepend_bos=True)[:, :n]
+    if random:
+        model = _random(random, device)
+        ids = torch.randint(1, model.cfg.d_vocab, (1, n), generator=torch.Generator()
+                            .manual_seed(0)).to(device)
+        backend = "bridge"
+    else:
+        model = lin_lens.load_model("smollm2-135m", dtype=torch.float32, backend=backend)
+        ids = model.to_tokens(TEXT * (1 + n // 40), prepend_bos=True)[:, :n]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     assert ids.shape[1] == n, ids.shape
     rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
@@ -57,7 +76,9 @@ def child(n: int, qk: bool, backend: str) -> dict:
         "relative_error": g.relative_error, "node_errors": errs,
         "rss_after_load_gib": round(rss_load / 2**30, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "target": g.summary().get("target"),
+        "target": g.summary().get("target"), "model": random or "smollm2-135m",
+        "device": device,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
     }
 
 
@@ -68,21 +89,32 @@ def main() -> None:
         ap.add_argument("n", type=int)
         ap.add_argument("--qk", action="store_true")
         ap.add_argument("--backend", default="hooked")
+        ap.add_argument("--random", default=None)
+        ap.add_argument("--device", default="cpu")
         a = ap.parse_args()
-        print(json.dumps(child(a.n, a.qk, a.backend), default=str))
+        print(json.dumps(child(a.n, a.qk, a.backend, a.random, a.device), default=str))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="8,32,128,512")
     ap.add_argument("--qk", action="store_true")
     ap.add_argument("--backend", default="hooked")
+    ap.add_argument("--random", default=None,
+                    help="a bench/paper_scale.py config with random weights (a Bridge)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per length")
     ap.add_argument("--json", default=None, help="append each result to this JSON-lines file")
     a = ap.parse_args()
     for n in (int(v) for v in a.n.split(",")):
-        cmd = [sys.executable, __file__, "one", str(n), "--backend", a.backend]
+        cmd = [sys.executable, __file__, "one", str(n), "--backend", a.backend,
+               "--device", a.device] + (["--random", a.random] if a.random else [])
         if a.qk:
             cmd.append("--qk")
         t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({"n": n, "timeout": a.timeout}), flush=True)
+            break
         if p.returncode:
             res = {"n": n, "backend": a.backend, "qk": a.qk, "failed": p.returncode,
                    "seconds": round(time.perf_counter() - t, 1),

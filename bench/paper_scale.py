@@ -63,6 +63,13 @@ HOOK = "unembed.hook_in"  # J⁺: the final normalised residual at the last posi
 # parameter counts of the model cards (3.21 B; 3.88 B text = 675 M embedding + 3209 M; 14.8 B,
 # 13.2 B non-embedding).
 CONFIGS = {
+    "smollm2-135m": dict(  # HuggingFaceTB/SmolLM2-135M, config.json (for GPU runs without weights)
+        cls="LlamaConfig", architectures=["LlamaForCausalLM"], hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, hidden_act="silu",
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, initializer_range=0.041666,
+        bos_token_id=0, eos_token_id=0),
     "llama3.2-3b": dict(  # meta-llama/Llama-3.2-3B, config.json
         cls="LlamaConfig", architectures=["LlamaForCausalLM"], hidden_size=3072,
         intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,

@@ -93,8 +93,9 @@ def attribution_graph(
         max_nodes: at most this many receivers get their rows for the influence ranking
             (None: all).
         batch_size: receivers per batched backward pass, at most: fewer at long prompts
-            (about ``lin_lens.maps.budget.PASS_ROWS`` token-rows per pass, and what fits
-            ``max_memory``: each row spans every candidate sender; ``meta["batch_size"]``).
+            (what fits ``max_memory``, each row spans every candidate sender; on a CPU also
+            about ``lin_lens.maps.budget.PASS_ROWS`` token-rows per pass;
+            ``meta["batch_size"]``).
         row_top_k: entries per row kept for the influence ranking (exact rows are recomputed
             for the kept nodes).
         check, tol: refuse (:class:`lin_lens.NotExactError`) a graph whose targets are not the
@@ -179,9 +180,9 @@ def _fitting_batch(model: Any, n: int, nodes: tuple[str, ...], batch_size: int,
                         max_memory, device=model_device(model), hint=(
                             "Shorten the prompt, leave out node kinds (nodes=('heads',)), or "
                             "raise max_memory.")) - fixed
-    # bigger passes stop paying beyond about PASS_ROWS token-rows, as for linear_map's rows
-    # (8 tokens: batch 128 8.5 s, 16 9.3 s; 32 tokens: 128 27.3 s, 8-32 24 s; BENCHMARKS.md)
-    return max(1, min(batch_size, budget.PASS_ROWS // n, free // per_row))
+    # a CPU gains nothing beyond about PASS_ROWS token-rows per pass, a GPU wants all that fit
+    cap = budget.PASS_ROWS // n if model_device(model).type == "cpu" else batch_size  # BENCHMARKS
+    return max(1, min(batch_size, cap, free // per_row))
 
 
 def _batches(idx: Tensor, size: int):
