@@ -102,7 +102,6 @@ def hf_reference(name: str, layers: int | None, dev: str) -> tuple[Any, dict]:
 
 
 def ratio(args, records: list) -> None:
-
     import lin_lens
 
     name, dev = "llama3.2-3b", args.device

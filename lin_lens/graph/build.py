@@ -174,14 +174,15 @@ class Kept:
 
 def _fitting_batch(model: Any, n: int, nodes: tuple[str, ...], batch_size: int,
                    max_memory: MemoryBudget) -> int:
+    device = model_device(model)
     fixed, per_row = row_memory(model, n, model_dtype(model), "heads" in nodes,
                                 "neurons" in nodes)
     free = budget.check(fixed + per_row, f"an attribution graph of {n} tokens (one row per pass)",
-                        max_memory, device=model_device(model), hint=(
+                        max_memory, device=device, hint=(
                             "Shorten the prompt, leave out node kinds (nodes=('heads',)), or "
                             "raise max_memory.")) - fixed
     # a CPU gains nothing beyond about PASS_ROWS token-rows per pass, a GPU wants all that fit
-    cap = budget.PASS_ROWS // n if model_device(model).type == "cpu" else batch_size  # BENCHMARKS
+    cap = budget.PASS_ROWS // n if device.type == "cpu" else batch_size  # BENCHMARKS.md
     return max(1, min(batch_size, cap, free // per_row))
 
 
