@@ -1,5 +1,5 @@
-"""Layer sweep on SmolLM2 as a TransformerBridge: the forward engine's graph columns (the replay
-cannot follow a Bridge) against reverse mode for the last layer's three operators.
+"""Layer sweep on SmolLM2 as a TransformerBridge: the forward engine (the replay since
+2026-12-04; graph columns before) against reverse mode for the last layer's three operators.
 
 Usage: python bench/bench_bridge_sweep.py
 """
@@ -21,7 +21,8 @@ text = "The bridge out of Marin is the"
 hooks = layer_sweep_hooks(m)
 t0 = time.perf_counter()
 fwd = operators_at_hooks(m, text, hooks, -1, engine="forward", progress=False)
-print(f"forward (graph): {len(hooks)} operators in {time.perf_counter() - t0:.1f} s, "
+engine = next(iter(fwd.values())).meta["engine"]
+print(f"{engine}: {len(hooks)} operators in {time.perf_counter() - t0:.1f} s, "
       f"max reconstruction error {max(r.relative_error for r in fwd.values()):.1e}")
 t0 = time.perf_counter()
 rev = operators_at_hooks(m, text, hooks[-3:], -1, engine="reverse", progress=False)

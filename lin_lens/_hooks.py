@@ -253,3 +253,52 @@ def zeroed(param: Tensor) -> Iterator[None]:
         yield
     finally:
         finish(done)
+
+
+Slots = dict[str, list[tuple[dict, str]]]
+
+
+def slots_of(model: torch.nn.Module, names: Sequence[str]) -> Slots:
+    """Every place that holds each named parameter, buffer or submodule: ``{name: [(the
+    ``_parameters``, ``_buffers`` or ``_modules`` dict of a module, key), …]}``. A Bridge reaches
+    one module by two paths (its own component and the Hugging Face model it wraps), where
+    ``torch.func.functional_call`` restores such a parameter to its stand-in; :func:`swapped`
+    replaces and restores each holder once."""
+    held: dict[int, list[tuple[dict, str]]] = {}
+    for mod in model.modules():  # each module object once
+        for store in (mod._parameters, mod._buffers, mod._modules):
+            for key, t in store.items():
+                if t is not None:
+                    held.setdefault(id(t), []).append((store, key))
+    out: Slots = {}
+    for name in names:
+        # the holder's own dicts: a Bridge component may define a property of the same name
+        path, _, key = name.rpartition(".")
+        mod = model.get_submodule(path)
+        t = next((store[key] for store in (mod._parameters, mod._buffers, mod._modules)
+                  if store.get(key) is not None), None)
+        if t is None:
+            raise AttributeError(f"{name!r} is not a parameter, buffer or submodule")
+        out[name] = held[id(t)]
+    return out
+
+
+@contextlib.contextmanager
+def swapped(slots: Slots, tensors: dict[str, Any]) -> Iterator[None]:
+    """Stand-ins for parameters, buffers and submodules (by name, places from :func:`slots_of`)
+    for the block; the originals are back after, also on KeyboardInterrupt (and by
+    :func:`lin_lens.reset` after a call that never finished)."""
+    saved = [(store, key, store[key]) for name in tensors for store, key in slots[name]]
+
+    def undo() -> None:
+        for store, key, t in saved:
+            store[key] = t
+
+    done = pending(undo)
+    try:
+        for name, t in tensors.items():
+            for store, key in slots[name]:
+                store[key] = t
+        yield
+    finally:
+        finish(done)

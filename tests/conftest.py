@@ -129,7 +129,8 @@ _cached = functools.cache(_build)
 
 def state(model) -> dict:
     """Everything lin_lens must leave as it found it: the hooks on every hook point (by id) and
-    on every torch module, the cfg flags, requires_grad, the weights, and the detached mark.
+    on every torch module, the cfg flags, requires_grad, the weights (values, and the parameter,
+    buffer and module objects at every path), and the detached mark.
 
     A Bridge's wrapped Hugging Face modules (``*._original_component*``) are left out: the Bridge
     installs torch hooks there itself, lazily, on its first forward and first run_with_cache.
@@ -143,6 +144,10 @@ def state(model) -> dict:
         "flags": {f: getattr(model.cfg, f) for f in FLAGS if hasattr(model.cfg, f)},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        # the objects themselves (the replay swaps stand-ins in for a pass): every path to each
+        "objects": {n: id(t) for n, t in [*model.named_parameters(remove_duplicate=False),
+                                          *model.named_buffers(remove_duplicate=False),
+                                          *model.named_modules(remove_duplicate=False)]},
         "detached": lin_lens.is_detached(model),
     }
 
@@ -151,7 +156,7 @@ def assert_same_state(before: dict, model) -> None:
     """``model`` is as ``state(model)`` found it (weights bit for bit)."""
     __tracebackhide__ = True
     after = state(model)
-    for key in ("hooks", "torch_hooks", "flags", "requires_grad", "detached"):
+    for key in ("hooks", "torch_hooks", "flags", "requires_grad", "objects", "detached"):
         assert after[key] == before[key], f"{key} changed"
     assert after["weights"].keys() == before["weights"].keys()
     changed = [n for n, w in before["weights"].items() if not torch.equal(w, after["weights"][n])]

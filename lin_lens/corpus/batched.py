@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 import lin_lens
-from lin_lens._hooks import HookSet
+from lin_lens._hooks import HookSet, slots_of, swapped
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import biases as nonzero_biases
 from lin_lens._tl import hook_dict
@@ -322,7 +322,8 @@ def _constant(model: Any, tokens: Tensor, mask: Tensor, kw: dict, hook: str, sou
         for name, fn in hooks:
             hs.add(name, fn)
         params = {n: fwAD.make_dual(p, p) for n, p in biases.items()}
-        res = torch.func.functional_call(model, params, (tokens,), kw, strict=False)
+        with swapped(slots_of(model, list(params)), params):  # not functional_call: Bridges
+            res = model(tokens, **kw)
         tangent = fwAD.unpack_dual(res if hook == "logits" else out["act"]).tangent
     if tangent is None:  # no origin reached the target: the constant is exactly 0
         return zero

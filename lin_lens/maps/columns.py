@@ -1,9 +1,9 @@
 """Columns of the detached network: its response to source tangents, at many hooks at once.
 
 Two engines give the same columns: the forward-mode replay of the frozen network
-(:class:`~lin_lens.maps.replay.Replay`, HookedTransformer: plain batched forwards, no autograd)
-and :class:`GraphColumns` (the double-backward of the detached graph: Bridges, SoLU and whatever
-the replay has no rule for). :func:`open_columns` picks one. On top of them,
+(:class:`~lin_lens.maps.replay.Replay`: plain batched forwards, no autograd) and
+:class:`GraphColumns` (the double-backward of the detached graph: SoLU, mixtures of experts and
+whatever else the replay has no rule for). :func:`open_columns` picks one. On top of them,
 :func:`token_parts` splits activations exactly into the part of each source token (through all
 paths: ``J_i x_i``, one tangent per token instead of one backward pass per output row) and the
 constant of each origin (bias, positional embedding).
@@ -36,7 +36,7 @@ def open_columns(stack: contextlib.ExitStack, model: Any, tokens: Tensor, source
     ``run(None, origin=o)`` each origin's constant. The replay where it applies, else the graph."""
     try:
         replay: Any = Replay(model, tokens, source, hooks, positions)
-    except ReplayUnsupported:  # Bridges, SoLU: columns from the reverse graph instead
+    except ReplayUnsupported:  # SoLU, experts: columns from the reverse graph instead
         cols = GraphColumns(stack, model, tokens, source, hooks, positions)
         return cols, cols.x, cols.acts
     fwd = detached_forward(stack, model, tokens, source, hooks, grad=False,
@@ -46,11 +46,12 @@ def open_columns(stack: contextlib.ExitStack, model: Any, tokens: Tensor, source
 
 class GraphColumns:
     """Operator columns at many hooks from one detached graph, for models the replay cannot
-    follow (Bridges, SoLU): with ``y`` the target activations stacked, ``g(u) = ∂(u·y)/∂x`` is
-    built once with ``create_graph=True``; it is linear in ``u``, so a backward pass through it
-    with a source tangent ``v`` gives ``J v`` at every hook at once (the double-backward trick),
-    and with an origin's value the constant of that origin. Same interface as :class:`Replay`
-    (``run``, ``origins``); ``start > 0`` is not supported (full-length columns)."""
+    follow (SoLU, mixtures of experts): with ``y`` the target activations stacked,
+    ``g(u) = ∂(u·y)/∂x`` is built once with ``create_graph=True``; it is linear in ``u``, so a
+    backward pass through it with a source tangent ``v`` gives ``J v`` at every hook at once (the
+    double-backward trick), and with an origin's value the constant of that origin. Same
+    interface as :class:`Replay` (``run``, ``origins``); ``start > 0`` is not supported
+    (full-length columns)."""
 
     def __init__(self, stack: contextlib.ExitStack, model: Any, tokens: Tensor, source: str,
                  hooks: Sequence[str], tgt: Sequence[int]):

@@ -1,16 +1,15 @@
 """Forward mode: the operators at many hooks from one set of columns (the layer sweep).
 
-Columns come from the replay of the frozen network (:mod:`.replay`, HookedTransformer) or, where
-the replay has no rule (Bridges, SoLU), from :class:`GraphColumns`: the double-backward of the
-detached graph, every hook at once as well, at about a VJP per column (more with many hooks)
-and without the causal truncation. Cost ∝ columns = n_src · d_in, (nearly) independent of the
-number of hooks.
+Columns come from the replay of the frozen network (:mod:`.replay`, both backends) or, where
+the replay has no rule (SoLU, mixtures of experts), from :class:`GraphColumns`: the
+double-backward of the detached graph, every hook at once as well, at about a VJP per column
+(more with many hooks) and without the causal truncation. Cost ∝ columns = n_src · d_in,
+(nearly) independent of the number of hooks.
 
 ``choose_engine`` picks forward when ``cost × columns × depth`` is below ``Σ rows × depth``, with
 ``REPLAY_COST`` for the replay (a full frozen forward per column, the Q/K and gate projections at
-zero width where TransformerLens allows it, :class:`~lin_lens.maps.replay.Replay`, but no autograd
-bookkeeping) and ``GRAPH_COST`` for graph columns on Bridges (the measured ratios are in
-BENCHMARKS.md).
+zero width or skipped, :mod:`.replay_plan`, but no autograd bookkeeping) and ``GRAPH_COST``
+for graph columns (the measured ratios are in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,16 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, hook_dict, is_bridge
+from lin_lens._tl import LOGITS, hook_dict
 from lin_lens.maps import budget
 from lin_lens.maps.columns import open_columns
-from lin_lens.maps.replay import Replay, ReplayUnsupported, layer_of
+from lin_lens.maps.replay import Replay, ReplayUnsupported, layer_of, replays
 from lin_lens.maps.request import MapRequest
 from lin_lens.maps.result import LinearMap
 from lin_lens.progress import progress_bar
 
 REPLAY_COST = 1.1  # replay cost per column / VJP cost per row (BENCHMARKS.md)
-# graph columns (Bridges): cost per full-length column / VJP cost per row, at the deepest hook's
+# graph columns: cost per full-length column / VJP cost per row, at the deepest hook's
 # depth, growing with the hooks stacked into the graph (SmolLM2 Bridge, 8 tokens: 18 and 90
 # sweep hooks; BENCHMARKS.md, "TransformerBridge")
 GRAPH_COST, GRAPH_COST_PER_HOOK = 0.92, 0.005
@@ -133,7 +132,7 @@ def choose_engine(model: Any, n_tokens: int, tgt: Sequence[int], hooks: Sequence
     dm = int(model.cfg.d_model)
     rows = sum(len(tgt) * (d_out or {}).get(h, dm) * _depth(model, h) for h in hooks)
     depth = max(_depth(model, h) for h in hooks)
-    if is_bridge(model):  # graph columns: every source token, full length
+    if not replays(model):  # graph columns: every source token, full length
         per = GRAPH_COST + GRAPH_COST_PER_HOOK * len(set(hooks))
         cols = per * (max(tgt) + 1) * d_in * depth
     else:  # token s's columns are replayed on positions s: only

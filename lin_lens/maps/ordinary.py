@@ -12,7 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from lin_lens._hooks import HookSet
+from lin_lens._hooks import HookSet, slots_of, swapped
 from lin_lens._precision import exact_matmul
 from lin_lens._tl import LOGITS, biases, hook_dict, model_device
 from lin_lens.errors import InvalidArgumentError
@@ -40,8 +40,8 @@ def ordinary_reconstruction(model: Any, tokens: Tensor, hook: str, pos: int | Se
             hs.add(hook, grab)
         params = {n: fwAD.make_dual(p.detach(), p.detach())
                   for n, p in biases(model, nonzero=False).items()}
-        res = torch.func.functional_call(model, params, (tokens,), {"return_type": "logits"},
-                                         strict=False)
+        with swapped(slots_of(model, list(params)), params):  # not functional_call: Bridges
+            res = model(tokens, return_type="logits")
         if hook == LOGITS:
             out["jvp"] = fwAD.unpack_dual(res).tangent
     jvp = out.get("jvp")
