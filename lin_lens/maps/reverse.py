@@ -23,6 +23,7 @@ from torch import Tensor
 from lin_lens._tl import LOGITS
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError
 from lin_lens.maps import budget
+from lin_lens.maps import formed_mlp as formed
 from lin_lens.maps.graph import Forward, batched_grad, detached_forward
 from lin_lens.maps.readout import Readout
 from lin_lens.maps.request import MapRequest
@@ -31,16 +32,32 @@ from lin_lens.progress import progress_bar
 
 
 def reverse_map(model: Any, req: MapRequest) -> LinearMap:
-    """The map ``req`` asks for, by VJP rows (``req.detach=False``: the ordinary Jacobian)."""
+    """The map ``req`` asks for, by VJP rows (``req.detach=False``: the ordinary Jacobian).
+    A short prompt's whole operator runs in one pass with its gated MLPs formed per token
+    (:mod:`.formed_mlp`)."""
+    rows = formed.formed_rows(req.n, len(req.positions) * int(model.cfg.d_model))
+    sites = formed.formed_sites(model, req.source) if (
+        rows and req.detach and req.direction is None and req.head is None
+        and req.out_index is None and (req.chunk_size or rows) >= formed.FORMED_MIN_ROWS
+    ) else []
+    used: list[int] = []  # filled by the forward pass: one entry per formed layer
+
+    def record(hs: Any) -> None:
+        nonlocal used
+        used = formed.install(hs, sites)
+
     with contextlib.ExitStack() as stack:
         fwd = detached_forward(stack, model, req.tokens, req.source, [req.hook],
-                               detach=req.detach, constants=True, full=req.hook == LOGITS)
+                               detach=req.detach, constants=True, full=req.hook == LOGITS,
+                               record=record if sites else None)
         stack.enter_context(torch.enable_grad())
-        lm = _solve(model, req, fwd)
+        lm = _solve(model, req, fwd, rows if used else None)
     lm.tokens = req.tokens[0].detach().cpu()
     lm.detached = req.detach
     lm.int_pos = req.int_pos
     lm.meta["engine"] = "reverse"
+    if used:
+        lm.meta["formed_mlps"] = len(used)
     return lm
 
 
@@ -64,7 +81,8 @@ def _rows(req: MapRequest, out_shape: tuple[int, ...], d_space: int
     return idx % d_space, (int(idx.numel()),)
 
 
-def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
+def _solve(model: Any, req: MapRequest, fwd: Forward, preferred: int | None = None
+           ) -> LinearMap:
     act = fwd.acts[req.canonical_hook(model)]  # [1, n, *rest]
     tgt = req.positions
     n_t = len(tgt)
@@ -115,7 +133,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward) -> LinearMap:
         sel = torch.arange(d_act, device=act.device) if rows is None else rows
         eye = torch.zeros(len(sel), d_act, dtype=act.dtype, device=act.device)
         eye[torch.arange(len(sel), device=act.device), sel] = 1
-        J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1))
+        J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1), preferred)
         if readout is not None:
             J, consts = readout.select(idx).apply(J, consts)
         if idx is not None:
@@ -131,10 +149,11 @@ def _with_bias(consts: dict[str, Tensor], readout: Readout | None, sel: Tensor
     return consts if off is None else {**consts, "unembed.b_U": off}
 
 
-def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
-             ) -> tuple[Tensor, dict[str, Tensor]]:
+def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor,
+             preferred: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Batched VJPs for covectors ``cov [n_t, R, d_act]`` at the target positions: J
-    ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``."""
+    ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``; ``preferred`` rows
+    per pass (memory permitting) instead of the tuned size."""
     x = fwd.x
     n_t, R, d_act = cov.shape
     total = n_t * R
@@ -142,7 +161,8 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
     j_bytes = n_t * n_src * R * d_in * x.element_size()
     budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory,
                  device=x.device)
-    chunk = req.chunk_size or default_chunk(model, act, x, total, j_bytes, req.max_memory)
+    chunk = req.chunk_size or default_chunk(model, act, x, total, j_bytes, req.max_memory,
+                                            preferred)
     leaves = fwd.constant_leaves()
     inputs = [x, *leaves.values()]
     names = list(leaves)
@@ -185,10 +205,12 @@ def row_batches(output: Tensor, inputs: list[Tensor], cov: Tensor, tgt: Sequence
 
 
 def default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int,
-                   max_memory: int | None) -> int:
-    """Rows per batched VJP: the tuned size (BENCHMARKS.md), shrunk to fit the memory budget."""
+                   max_memory: int | None, preferred: int | None = None) -> int:
+    """Rows per batched VJP: the tuned size (BENCHMARKS.md) or ``preferred``, shrunk to fit the
+    memory budget."""
     n = act.shape[1]
     free = (budget.budget(max_memory, x.device) - reserved
             - budget.graph_bytes(model, n, x.dtype))
-    pref = budget.preferred_chunk(n)
-    return budget.choose_chunk(model, n, x.dtype, max(free, 0), pref, total or pref)
+    pref = preferred or budget.preferred_chunk(n)
+    return budget.choose_chunk(model, n, x.dtype, max(free, 0), pref, total or pref,
+                               cap=max(pref, budget.MAX_CHUNK))
