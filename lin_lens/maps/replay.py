@@ -222,7 +222,7 @@ class _ReplayPass:
         if v is None:
             return t
         shape = t.shape
-        if t.shape[-1] == 0 and v.shape[-1] != 0:  # a narrowed gate (_unused_gate_weights)
+        if t.shape[-1] == 0 and v.shape[-1] != 0:  # a narrowed gate (replay_plan)
             if v.shape[0] == 1:
                 return v  # broadcast by the gate product: act() once, not per tangent
             shape = (*t.shape[:-1], v.shape[-1])
