@@ -186,6 +186,12 @@ def parent_module(model: Any, hook_name: str) -> torch.nn.Module:
     return model.get_submodule(parent)
 
 
+def wrapped_linear(component: Any) -> torch.nn.Linear | None:
+    """The Hugging Face ``nn.Linear`` a Bridge component wraps (None for anything else)."""
+    lin = getattr(component, "original_component", None)
+    return lin if isinstance(lin, torch.nn.Linear) else None
+
+
 # -- config flags -------------------------------------------------------------------------------
 
 # Hooks that only fire while a config flag is on; lin_lens switches the flag on for the call.

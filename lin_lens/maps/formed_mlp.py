@@ -26,7 +26,14 @@ import torch
 from torch import Tensor
 
 from lin_lens._hooks import HookSet
-from lin_lens._tl import canonical, hook_dict, is_bridge, parent_module
+from lin_lens._tl import (
+    canonical,
+    hook_dict,
+    is_bridge,
+    nonzero_bias,
+    parent_module,
+    wrapped_linear,
+)
 
 FORMED_MIN_ROWS = 512  # rows per pass at least (forming M_t costs about d/2 rows' worth)
 FORMED_TOKEN_ROWS = 12_288  # rows × tokens in the one pass (SmolLM2: all 576 rows up to 21 tokens)
@@ -43,10 +50,6 @@ class _Site:
     act: Callable[[Tensor], Tensor]
 
 
-def _zero(b: Any) -> bool:
-    return b is None or (isinstance(b, Tensor) and not bool(b.detach().ne(0).any()))
-
-
 def _site(model: Any, layer: int) -> _Site | None:
     prefix = f"blocks.{layer}.mlp"
     hd = hook_dict(model)
@@ -55,16 +58,15 @@ def _site(model: Any, layer: int) -> _Site | None:
     module = model.get_submodule(prefix)
     gate = canonical(model, f"{prefix}.hook_pre")
     if not is_bridge(model):
-        if getattr(model.cfg, "load_in_4bit", False) or not all(
-                _zero(getattr(module, b, None)) for b in ("b_in", "b_out")):
+        if getattr(model.cfg, "load_in_4bit", False) or any(
+                nonzero_bias(module, b) is not None for b in ("b_in", "b_out")):
             return None
         W_in, W_out = getattr(module, "W_in", None), getattr(module, "W_out", None)
         act = getattr(module, "act_fn", None)
     else:  # the Hugging Face layers whose outputs / inputs the MLP hooks read
-        lins = [getattr(parent_module(model, canonical(model, f"{prefix}.{h}")),
-                        "original_component", None)
+        lins = [wrapped_linear(parent_module(model, canonical(model, f"{prefix}.{h}")))
                 for h in ("hook_pre", "hook_pre_linear", "hook_post")]
-        if not all(isinstance(lin, torch.nn.Linear) and _zero(lin.bias) for lin in lins):
+        if any(lin is None or nonzero_bias(lin, "bias") is not None for lin in lins):
             return None
         W_in, W_out = lins[1].weight.T, lins[2].weight.T  # pyright: ignore[reportOptionalMemberAccess]
         act = getattr(getattr(module, "original_component", None), "act_fn", None)

@@ -62,7 +62,6 @@ class Replay:
         plan = replay_plan(model)
         self.freeze = plan.freeze
         self.pre_post = plan.pre_post
-        self._gated = plan.gated
         act = getattr(model.cfg, "act_fn", None)
         self._gate = gate_fn(act) if self.pre_post else None
         # one frozen value per firing, in order (a norm fires three times per block with

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import canonical, hook_dict, is_bridge, parent_module
+from lin_lens._tl import canonical, hook_dict, is_bridge, parent_module, wrapped_linear
 from lin_lens.errors import UnsupportedFeatureError
 from lin_lens.freeze import freezing_rules
 
@@ -103,8 +103,8 @@ def _gate_weights(model: Any, plan: ReplayPlan, targets: list[str]) -> dict[str,
         if h in targets:  # a target reads it live
             continue
         if is_bridge(model):
-            lin = getattr(parent_module(model, h), "original_component", None)
-            if not (h.endswith(".hook_out") and isinstance(lin, torch.nn.Linear)):
+            lin = wrapped_linear(parent_module(model, h))
+            if lin is None or not h.endswith(".hook_out"):
                 continue
             out[names[id(lin.weight)]] = lin.weight.detach()[:0]
             if lin.bias is not None:
@@ -171,10 +171,9 @@ def _qk_projections(model: Any, plan: ReplayPlan) -> dict[str, torch.nn.Module]:
         if prefix + ".hook_pattern" not in plan.freeze:
             continue
         attn = model.get_submodule(prefix)
-        lins = [getattr(getattr(attn, s, None), "original_component", None) for s in "qk"]
-        for lin in lins if all(isinstance(lin, torch.nn.Linear) for lin in lins) else []:
-            assert isinstance(lin, torch.nn.Linear)
-            out[paths[id(lin)]] = _Zeros(lin.out_features)
+        q, k = (wrapped_linear(getattr(attn, s, None)) for s in "qk")
+        if q is not None and k is not None:
+            out.update({paths[id(lin)]: _Zeros(lin.out_features) for lin in (q, k)})
     return out
 
 

@@ -31,6 +31,18 @@ def _both(model, hook, monkeypatch, **kw):
     return plain, fast
 
 
+def _wrong_gate(monkeypatch) -> None:
+    """Every formed site applies sigmoid as its gate (the tiny Llama's MLP applies SiLU)."""
+    real = formed._site
+
+    def site(model, layer):
+        s = real(model, layer)
+        return None if s is None else formed._Site(s.module, s.gate_hook, s.W_in, s.W_out,
+                                                    torch.sigmoid)
+
+    monkeypatch.setattr(formed, "_site", site)
+
+
 @pytest.mark.parametrize("hook", HOOKS)
 @pytest.mark.parametrize("arch", GATED)
 def test_formed_mlps_give_the_factored_map(arch, backend, hook, monkeypatch):
@@ -48,7 +60,7 @@ def test_plain_mlps_keep_the_ordinary_path(backend, monkeypatch):
     assert "formed_mlps" not in fast.meta and torch.equal(fast.J4, plain.J4)
 
 
-def test_only_a_short_prompt_with_many_rows_takes_it(backend, monkeypatch):
+def test_only_a_short_prompt_with_many_rows_takes_it(backend):
     # SmolLM2's whole last-position operator: 576 rows in one pass up to 21 tokens
     assert formed.formed_rows(7, 576) == 576
     assert formed.formed_rows(21, 576) == 576
@@ -62,14 +74,7 @@ def test_only_a_short_prompt_with_many_rows_takes_it(backend, monkeypatch):
 def test_an_mlp_of_another_formula_keeps_the_ordinary_path(backend, monkeypatch):
     """A gate function other than the one the MLP applies: every layer's output check fails,
     so none takes the formed path, and the map is the factored one."""
-    real = formed._site
-
-    def wrong_act(model, layer):
-        s = real(model, layer)
-        return None if s is None else formed._Site(s.module, s.gate_hook, s.W_in, s.W_out,
-                                                    torch.sigmoid)
-
-    monkeypatch.setattr(formed, "_site", wrong_act)
+    _wrong_gate(monkeypatch)
     plain, fast = _both(tiny("llama", backend), "ln_final.hook_normalized", monkeypatch)
     assert "formed_mlps" not in fast.meta
     assert torch.allclose(fast.J4, plain.J4, rtol=0, atol=1e-12)
@@ -78,11 +83,8 @@ def test_an_mlp_of_another_formula_keeps_the_ordinary_path(backend, monkeypatch)
 def test_the_output_check_is_what_keeps_a_wrong_gate_out(backend, monkeypatch):
     """Without the output check, a wrong gate gives a wrong map, which the reconstruction check
     then refuses: the comparison above can fail."""
-    real = formed._site
+    _wrong_gate(monkeypatch)
     monkeypatch.setattr(formed, "_agrees", lambda *a: True)
-    monkeypatch.setattr(formed, "_site", lambda model, layer: (
-        lambda s: None if s is None else formed._Site(s.module, s.gate_hook, s.W_in, s.W_out,
-                                                       torch.sigmoid))(real(model, layer)))
     monkeypatch.setattr(formed, "FORMED_MIN_ROWS", 1)
     model = tiny("llama", backend)
     m = linear_map(model, _tokens(), "ln_final.hook_normalized", pos=None, engine="reverse",
