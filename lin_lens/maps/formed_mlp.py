@@ -1,13 +1,14 @@
-"""Gated MLPs as one matrix per token in the reverse passes of a short prompt.
+"""Gated MLPs as one matrix per token in reverse passes that carry many rows.
 
 In detached mode a gated MLP is linear in its input for this input: with the gate
 ``a_t = act(x_t W_gate)`` frozen, ``out_t = ((x_t W_in) ⊙ a_t) W_out = x_t M_t`` with
-``M_t = W_in diag(a_t) W_out`` (``d × d``). A batched VJP pushes each of its R rows through the two
-``d × d_mlp`` products of every token; forming ``M_t`` once per pass and applying it costs
-``d²·d_mlp + R·d²`` multiply-adds per token instead of ``2·R·d·d_mlp``: a third less of the MLP's
-work on SmolLM2 when all 576 rows of a residual-width operator share one pass, which is what the
-reverse engine then does at short prompts (``FORMED_TOKEN_ROWS``; BENCHMARKS.md, issue 24). Below
-about half of ``d`` rows per pass, forming costs more than it saves.
+``M_t = W_in diag(a_t) W_out`` (``d × d``). Pushing R rows through the factored MLP costs
+``2·R·d·d_mlp`` multiply-adds per token; forming ``M_t`` once and applying it costs
+``d²·d_mlp + R·d²``, less once ``R > d·d_mlp / (2·d_mlp − d)`` (:func:`pays`; 354 rows on
+SmolLM2, whose whole residual-width operator has 576: a third less of the MLP's work). The
+reverse engine then crosses the network one block at a time (:mod:`.by_layer`), so each layer's
+``M_t`` are formed once for all the rows and dropped (:meth:`Formed.clear`) before the next
+layer: ``n·d²`` values at a time, not ``n·L·d²``.
 
 Forward values are untouched: a torch hook on each MLP module returns the module's own output,
 with a gradient path through ``M_t`` to the module input in place of the MLP's graph (hooks
@@ -34,9 +35,6 @@ from lin_lens._tl import (
     parent_module,
     wrapped_linear,
 )
-
-FORMED_MIN_ROWS = 512  # rows per pass at least (forming M_t costs about d/2 rows' worth)
-FORMED_TOKEN_ROWS = 12_288  # rows × tokens in the one pass (SmolLM2: all 576 rows up to 21 tokens)
 
 
 @dataclass
@@ -85,35 +83,67 @@ def formed_sites(model: Any, source: str) -> list[_Site]:
             if str(layer) != skip and (s := _site(model, layer)) is not None]
 
 
-def formed_rows(n_tokens: int, total_rows: int) -> int:
-    """Rows per pass for the formed path, or 0 where it does not pay (fewer than
-    ``FORMED_MIN_ROWS`` rows fit one pass of ``FORMED_TOKEN_ROWS`` token-rows)."""
-    rows = min(total_rows, FORMED_TOKEN_ROWS // max(1, n_tokens))
-    return rows if rows >= FORMED_MIN_ROWS else 0
+def pays(rows: int, sites: list[_Site]) -> bool:
+    """Whether forming ``M_t`` once for ``rows`` rows costs less than the factored products."""
+    if not sites:
+        return False
+    d, d_mlp = sites[0].W_in.shape
+    return rows * (2 * d_mlp - d) > d * d_mlp
 
 
-def install(hs: HookSet, sites: list[_Site]) -> list[int]:
-    """Add the hooks (after detached mode's) that give each MLP its formed gradient path.
-    Returns a list that gets one entry per layer that took it, in the forward pass."""
-    used: list[int] = []
-    for site in sites:
+class Formed:
+    """The formed gradient paths of one forward pass: ``used`` gets one entry per layer that
+    took it; a layer's ``M_tᵀ`` are formed at its first backward pass and kept until
+    :meth:`clear` (the engine clears them once every row has crossed that layer), in one
+    buffer that every layer reuses (fresh pages for each layer cost page faults)."""
+
+    def __init__(self) -> None:
+        self.used: list[int] = []
+        self._key: int | None = None
+        self._M: Tensor | None = None  # [n, d, d]: M_tᵀ of layer ``_key``
+
+    def clear(self) -> None:
+        self._key = None
+
+    def matrices(self, key: int, W_in: Tensor, a: Tensor, W_out: Tensor) -> Tensor:
+        """``M_tᵀ = W_outᵀ diag(a_t) W_inᵀ`` ``[n, d, d]`` for every token of layer ``key``,
+        formed per token (all at once would hold a ``[n, d, d_mlp]`` temporary)."""
+        if self._key != key:
+            if self._key is not None:
+                raise RuntimeError("formed MLP matrices of two layers at once: the engine must "
+                                   "clear one layer's before the next")
+            n, d = a.shape[1], W_out.shape[1]
+            if self._M is None or self._M.shape != (n, d, d) or self._M.dtype != a.dtype:
+                self._M = torch.empty(n, d, d, dtype=a.dtype, device=a.device)
+            Wo, Wi = W_out.T, W_in.T
+            for t in range(n):
+                torch.mm(Wo * a[0, t], Wi, out=self._M[t])
+            self._key = key
+        assert self._M is not None
+        return self._M
+
+
+def install(hs: HookSet, sites: list[_Site]) -> Formed:
+    """Add the hooks (after detached mode's) that give each MLP its formed gradient path."""
+    formed = Formed()
+    for key, site in enumerate(sites):
         seen: dict[str, Tensor] = {}
 
         def gate(t: Tensor, hook: Any, seen: dict = seen, site: _Site = site) -> None:
             seen["a"] = site.act(t.detach())
 
-        def out(module: Any, args: tuple, y: Tensor, seen: dict = seen,
-                site: _Site = site) -> Tensor | None:
+        def out(module: Any, args: tuple, y: Tensor, seen: dict = seen, site: _Site = site,
+                key: int = key) -> Tensor | None:
             a = seen.pop("a", None)
             if (a is None or not args or not isinstance(args[0], Tensor)
                     or not isinstance(y, Tensor) or not _agrees(args[0], y, a, site)):
                 return None  # the ordinary path
-            used.append(1)
-            return _FormedGrad.apply(args[0], y.detach(), site.W_in, a, site.W_out)
+            formed.used.append(key)
+            return _FormedGrad.apply(args[0], y.detach(), site.W_in, a, site.W_out, formed, key)
 
         hs.add(site.gate_hook, gate)
         hs.add_module_hook(site.module, out)
-    return used
+    return formed
 
 
 def _agrees(x: Tensor, y: Tensor, a: Tensor, site: _Site) -> bool:
@@ -128,23 +158,21 @@ def _agrees(x: Tensor, y: Tensor, a: Tensor, site: _Site) -> bool:
 
 
 class _FormedGrad(torch.autograd.Function):
-    """Value: the MLP's output. Gradient to its input: ``g_t M_tᵀ`` per token, ``M_tᵀ`` formed
-    once per backward pass (the rows of a batched VJP arrive together)."""
+    """Value: the MLP's output. Gradient to its input: ``g_t M_tᵀ`` per token, with ``M_tᵀ``
+    from the pass's :class:`Formed`."""
 
     @staticmethod
     def forward(ctx: Any, *args: Any, **kwargs: Any) -> Tensor:
-        x, y, W_in, a, W_out = args  # x: the MLP's input (only its gradient is used)
+        x, y, W_in, a, W_out, formed, key = args  # x: the MLP's input (only its gradient is used)
         ctx.save_for_backward(W_in, a, W_out)
+        ctx.formed, ctx.key = formed, key
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
         g, = grads
-        W_in, a, W_out = ctx.saved_tensors
-        # per token: M_tᵀ = W_outᵀ diag(a_t) W_inᵀ (d × d, formed transiently), then one 2-D
-        # product (legacy vmap, behind is_grads_batched, batches mm well, a product against
-        # a stack of per-token matrices badly)
-        Wo, Wi = W_out.T, W_in.T
-        gx = torch.stack([torch.mm(g[..., t, :], (Wo * a[0, t]) @ Wi)
-                          for t in range(a.shape[1])], dim=-2)
-        return gx, None, None, None, None
+        M = ctx.formed.matrices(ctx.key, *ctx.saved_tensors)
+        # one 2-D product per token: legacy vmap (behind is_grads_batched) batches mm well, a
+        # product against a stack of per-token matrices badly (it fell back to a loop per row)
+        gx = torch.stack([torch.mm(g[..., t, :], M[t]) for t in range(M.shape[0])], dim=-2)
+        return gx, None, None, None, None, None, None

@@ -190,12 +190,12 @@ def detached_forward(stack: contextlib.ExitStack, model: Any, tokens: Tensor, so
 
 def batched_grad(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[Tensor],
                  grads: Tensor | Sequence[Tensor], allow_unused: bool = False,
-                 chunk: int | None = None) -> Any:
+                 chunk: int | None = None, retain_graph: bool = True) -> Any:
     """``torch.autograd.grad`` over a retained graph for a batch of cotangents: ``grads``
     ``[B, *output.shape]`` (one per output when ``outputs`` is a list); results carry the
     leading B (None where an input is not reached, with ``allow_unused``). ``chunk``: at most
     that many cotangents per backward pass. A pass of one is a plain backward pass (no vmap),
-    the fastest form at long inputs."""
+    the fastest form at long inputs. ``retain_graph=False``: the last pass frees the graph."""
     single = isinstance(inputs, Tensor)
     ins = [inputs] if single else list(inputs)
     outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
@@ -204,12 +204,13 @@ def batched_grad(outputs: Tensor | Sequence[Tensor], inputs: Tensor | Sequence[T
     parts = []
     for i in range(0, B, chunk or B):
         g = [c[i:i + chunk] if chunk else c for c in cots]
+        retain = retain_graph or i + (chunk or B) < B
         if g[0].shape[0] == 1:
-            res = torch.autograd.grad(outs, ins, [c[0] for c in g], retain_graph=True,
+            res = torch.autograd.grad(outs, ins, [c[0] for c in g], retain_graph=retain,
                                       allow_unused=allow_unused)
             res = tuple(None if r is None else r.unsqueeze(0) for r in res)
         else:
-            res = torch.autograd.grad(outs, ins, g, retain_graph=True,
+            res = torch.autograd.grad(outs, ins, g, retain_graph=retain,
                                       allow_unused=allow_unused, is_grads_batched=True)
         parts.append(res)
     res = tuple(None if ps[0] is None else ps[0] if len(ps) == 1 else torch.cat(ps)

@@ -27,7 +27,7 @@ from lin_lens.maps import budget
 from lin_lens.maps.graph import detached_forward
 from lin_lens.maps.request import MapRequest
 from lin_lens.maps.result import LinearMap
-from lin_lens.maps.reverse import default_chunk, row_batches
+from lin_lens.maps.reverse import cotangents, default_chunk, row_batches
 from lin_lens.progress import progress_bar
 
 ENGINE = "reverse (layers in one pass)"
@@ -73,7 +73,8 @@ def layer_maps(model: Any, req: MapRequest, layers: Sequence[int]) -> dict[int, 
         bar = progress_bar(total, f"per-layer maps ({len(layers)} layers)", req.progress,
                            unit="row")
         try:
-            for t_idx, r_idx, grads in row_batches(Y, inputs, eye, tgt, chunk, bar):
+            batches = row_batches(Y, inputs, *cotangents(Y, eye, tgt, chunk), bar)
+            for t_idx, r_idx, grads in batches:
                 k = len(t_idx)
                 for i, g in enumerate(grads[:len(xs)]):
                     Js[i][t_idx, :, r_idx] = 0 if g is None else g.reshape(k, n, d)

@@ -14,7 +14,8 @@ Cost ∝ rows = n_tgt · d_out.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from lin_lens._tl import LOGITS
 from lin_lens.errors import InvalidArgumentError, InvalidPositionError
-from lin_lens.maps import budget
+from lin_lens.maps import budget, by_layer
 from lin_lens.maps import formed_mlp as formed
 from lin_lens.maps.graph import Forward, batched_grad, detached_forward
 from lin_lens.maps.readout import Readout
@@ -32,33 +33,57 @@ from lin_lens.progress import progress_bar
 
 
 def reverse_map(model: Any, req: MapRequest) -> LinearMap:
-    """The map ``req`` asks for, by VJP rows (``req.detach=False``: the ordinary Jacobian).
-    A short prompt's whole operator runs in one pass with its gated MLPs formed per token
-    (:mod:`.formed_mlp`)."""
-    rows = formed.formed_rows(req.n, len(req.positions) * int(model.cfg.d_model))
-    sites = formed.formed_sites(model, req.source) if (
-        rows and req.detach and req.direction is None and req.head is None
-        and req.out_index is None and (req.chunk_size or rows) >= formed.FORMED_MIN_ROWS
-    ) else []
-    used: list[int] = []  # filled by the forward pass: one entry per formed layer
+    """The map ``req`` asks for, by VJP rows (``req.detach=False``: the ordinary Jacobian). An
+    operator with enough rows for forming to pay crosses the network one block at a time, its
+    gated MLPs formed per token once per block (:mod:`.by_layer`, :mod:`.formed_mlp`)."""
+    sites = _formed_sites(model, req)
+    cuts = by_layer.cut_hooks(model, req.source, req.hook) if sites else []
+    made: list[formed.Formed] = []  # the forward pass's formed paths, when installed
 
     def record(hs: Any) -> None:
-        nonlocal used
-        used = formed.install(hs, sites)
+        made.append(formed.install(hs, sites))
 
     with contextlib.ExitStack() as stack:
         fwd = detached_forward(stack, model, req.tokens, req.source, [req.hook],
                                detach=req.detach, constants=True, full=req.hook == LOGITS,
-                               record=record if sites else None)
+                               record=record if cuts else None, cuts=cuts)
         stack.enter_context(torch.enable_grad())
-        lm = _solve(model, req, fwd, rows if used else None)
+        cuts = [c for c in cuts if c in fwd.sources]  # those the pass reached before its target
+        lm = _solve(model, req, fwd, _ByLayer(cuts, made[0]) if cuts else None)
     lm.tokens = req.tokens[0].detach().cpu()
     lm.detached = req.detach
     lm.int_pos = req.int_pos
     lm.meta["engine"] = "reverse"
-    if used:
-        lm.meta["formed_mlps"] = len(used)
+    if cuts:
+        lm.meta["blocks_one_at_a_time"] = len(cuts) + 1
+    if made and made[0].used:
+        lm.meta["formed_mlps"] = len(made[0].used)
     return lm
+
+
+@dataclass
+class _ByLayer:
+    cuts: list[str]  # the block inputs cut into leaves, in forward order
+    formed: formed.Formed
+
+
+def _formed_sites(model: Any, req: MapRequest) -> list[Any]:
+    """The gated MLPs to form, where forming pays for this request's rows and its block-by-block
+    buffers fit the memory budget; else none."""
+    if not (req.detach and req.direction is None and req.head is None
+            and req.out_index is None and req.n <= by_layer.MAX_TOKENS):
+        return []
+    sites = formed.formed_sites(model, req.source)
+    d = int(model.cfg.d_model)
+    rows = len(req.positions) * d
+    if not formed.pays(rows, sites):
+        return []
+    p = next(iter(model.parameters()))
+    isz = budget.itemsize(p.dtype)
+    # J, the rows' cotangents at a cut (as large), one block's formed matrices, the graph
+    need = 2 * rows * req.n * d * isz + req.n * d * d * isz + budget.graph_bytes(model, req.n,
+                                                                                p.dtype)
+    return sites if need <= budget.budget(req.max_memory, p.device) else []
 
 
 def _rows(req: MapRequest, out_shape: tuple[int, ...], d_space: int
@@ -81,7 +106,7 @@ def _rows(req: MapRequest, out_shape: tuple[int, ...], d_space: int
     return idx % d_space, (int(idx.numel()),)
 
 
-def _solve(model: Any, req: MapRequest, fwd: Forward, preferred: int | None = None
+def _solve(model: Any, req: MapRequest, fwd: Forward, layered: _ByLayer | None = None
            ) -> LinearMap:
     act = fwd.acts[req.canonical_hook(model)]  # [1, n, *rest]
     tgt = req.positions
@@ -133,7 +158,7 @@ def _solve(model: Any, req: MapRequest, fwd: Forward, preferred: int | None = No
         sel = torch.arange(d_act, device=act.device) if rows is None else rows
         eye = torch.zeros(len(sel), d_act, dtype=act.dtype, device=act.device)
         eye[torch.arange(len(sel), device=act.device), sel] = 1
-        J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1), preferred)
+        J, consts = vjp_rows(model, req, fwd, act, eye.expand(n_t, -1, -1), layered)
         if readout is not None:
             J, consts = readout.select(idx).apply(J, consts)
         if idx is not None:
@@ -150,10 +175,10 @@ def _with_bias(consts: dict[str, Tensor], readout: Readout | None, sel: Tensor
 
 
 def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor,
-             preferred: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             layered: _ByLayer | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Batched VJPs for covectors ``cov [n_t, R, d_act]`` at the target positions: J
-    ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``; ``preferred`` rows
-    per pass (memory permitting) instead of the tuned size."""
+    ``[n_t, n_src, R, d_in]`` and the constant of every origin ``[n_t, R]``; ``layered``: the
+    rows cross the network block by block (:mod:`.by_layer`)."""
     x = fwd.x
     n_t, R, d_act = cov.shape
     total = n_t * R
@@ -161,47 +186,72 @@ def vjp_rows(model: Any, req: MapRequest, fwd: Forward, act: Tensor, cov: Tensor
     j_bytes = n_t * n_src * R * d_in * x.element_size()
     budget.check(j_bytes, f"the operator J [{n_t}, {n_src}, {R}, {d_in}]", req.max_memory,
                  device=x.device)
-    chunk = req.chunk_size or default_chunk(model, act, x, total, j_bytes, req.max_memory,
-                                            preferred)
+    chunk = req.chunk_size or default_chunk(
+        model, act, x, total, 2 * j_bytes if layered else j_bytes, req.max_memory,
+        by_layer.preferred_chunk(n_src) if layered else None)
     leaves = fwd.constant_leaves()
-    inputs = [x, *leaves.values()]
     names = list(leaves)
     J = torch.empty(n_t, n_src, R, d_in, dtype=x.dtype, device=x.device)
     consts = {k: torch.zeros(n_t, R, dtype=x.dtype, device=x.device) for k in names}
     flat_act = act.reshape(1, act.shape[1], -1)
-    bar = progress_bar(total, "linear map rows", req.progress, unit="row")
+    batches, top = cotangents(flat_act, cov, req.positions, chunk)
+    if layered is None:
+        bar = progress_bar(total, "linear map rows", req.progress, unit="row")
+        rows = row_batches(flat_act, [x, *leaves.values()], batches, top, bar)
+    else:
+        outs = [*(fwd.computed[c] for c in layered.cuts), flat_act]
+        segments = list(zip(outs, [x, *(fwd.sources[c] for c in layered.cuts)], strict=True))
+        bar = progress_bar(len(segments), "linear map, block by block", req.progress,
+                           unit="block")
+        rows = by_layer.row_batches(segments, list(leaves.values()), batches, top,
+                                    layered.formed.clear, bar)
     try:
-        for t_idx, r_idx, grads in row_batches(flat_act, inputs, cov, req.positions, chunk, bar):
+        for t_idx, r_idx, grads in rows:
             k = len(t_idx)
-            gx = grads[0]
-            J[t_idx, :, r_idx] = 0 if gx is None else gx.reshape(k, n_src, -1)
-            for name, val, g in zip(names, inputs[1:], grads[1:], strict=True):
-                if g is not None:
-                    consts[name][t_idx, r_idx] = (g * val.detach()).reshape(k, -1).sum(-1)
+            if grads[0] is not None:
+                J[t_idx, :, r_idx] = grads[0].reshape(k, n_src, -1)
+            elif layered is None:  # unreached (block by block: a batch's part above the source)
+                J[t_idx, :, r_idx] = 0
+            for name, val, g in zip(names, leaves.values(), grads[1:], strict=True):
+                if g is not None:  # a batch's gradients may come in parts (by block)
+                    consts[name][t_idx, r_idx] += (g * val.detach()).reshape(k, -1).sum(-1)
     finally:
         bar.close()
+        if layered is not None:
+            layered.formed.clear()
     return J, {k: v for k, v in consts.items() if bool(v.ne(0).any())}
 
 
-def row_batches(output: Tensor, inputs: list[Tensor], cov: Tensor, tgt: Sequence[int],
-                chunk: int, bar: Any) -> Iterator[tuple[Tensor, Tensor, tuple]]:
-    """Batched VJPs of ``output [*lead, 1, n, d]``, ``chunk`` rows per backward pass: row
-    ``(t, r)`` puts covector ``cov[t, r] [d]`` at position ``tgt[t]`` of every leading slice at
-    once. Yields ``(t_idx, r_idx, grads)``, each grad ``[k, *input.shape]`` or None (unreached);
-    ``bar`` advances by each batch once the caller has used it."""
+def cotangents(output: Tensor, cov: Tensor, tgt: Sequence[int], chunk: int
+               ) -> tuple[list[tuple[Tensor, Tensor]], Callable[[Tensor, Tensor], Tensor]]:
+    """The ``(t_idx, r_idx)`` rows of each batch of ``chunk``, and their cotangent at
+    ``output [*lead, 1, n, d]``: row ``(t, r)`` puts covector ``cov[t, r] [d]`` at position
+    ``tgt[t]`` of every leading slice at once."""
     n_t, R, d = cov.shape
     lead, n, dev = output.shape[:-3], output.shape[-2], output.device
     rows_t = torch.arange(n_t, device=dev).repeat_interleave(R)
     rows_r = torch.arange(R, device=dev).repeat(n_t)
     tgt_t = torch.tensor(list(tgt), device=dev)
-    for start in range(0, n_t * R, chunk):
-        t_idx, r_idx = rows_t[start:start + chunk], rows_r[start:start + chunk]
+    batches = [(rows_t[s:s + chunk], rows_r[s:s + chunk]) for s in range(0, n_t * R, chunk)]
+
+    def top(t_idx: Tensor, r_idx: Tensor) -> Tensor:
         k = len(t_idx)
         go = torch.zeros(k, 1, n, d, dtype=output.dtype, device=dev)
         go[torch.arange(k, device=dev), 0, tgt_t[t_idx]] = cov[t_idx, r_idx]
-        go = go.reshape(k, *([1] * len(lead)), 1, n, d).expand(k, *lead, 1, n, d)
-        yield t_idx, r_idx, batched_grad(output, inputs, go, allow_unused=True)
-        bar.update(k)
+        return go.reshape(k, *([1] * len(lead)), 1, n, d).expand(k, *lead, 1, n, d)
+
+    return batches, top
+
+
+def row_batches(output: Tensor, inputs: list[Tensor], batches: list[tuple[Tensor, Tensor]],
+                top: Callable[[Tensor, Tensor], Tensor], bar: Any
+                ) -> Iterator[tuple[Tensor, Tensor, tuple]]:
+    """Batched VJPs of ``output``, one backward pass per batch of :func:`cotangents`. Yields
+    ``(t_idx, r_idx, grads)``, each grad ``[k, *input.shape]`` or None (unreached); ``bar``
+    advances by each batch once the caller has used it."""
+    for t_idx, r_idx in batches:
+        yield t_idx, r_idx, batched_grad(output, inputs, top(t_idx, r_idx), allow_unused=True)
+        bar.update(len(t_idx))
 
 
 def default_chunk(model: Any, act: Tensor, x: Tensor, total: int, reserved: int,
