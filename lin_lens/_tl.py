@@ -207,6 +207,12 @@ FLAG_HOOKS = {
 
 # -- parameters ---------------------------------------------------------------------------------
 
+def clean_name(name: str) -> str:
+    """``transformer.h.0._original_component.ln_1._original_component.bias`` → ``transformer.h.0
+    .ln_1.bias`` (the Bridge's wrapper segments carry no meaning for a reader)."""
+    return name.replace("._original_component", "").replace("_original_component.", "")
+
+
 def is_bias(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1].lstrip("_")  # GQA stores _b_K/_b_V
     return leaf == "bias" or leaf == "b" or leaf.startswith("b_")

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, canonical, hook_dict
+from lin_lens._tl import LOGITS, canonical, clean_name, hook_dict
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
-from lin_lens.graph._naming import clean_name, param_layer
+from lin_lens.graph._naming import param_layer
 from lin_lens.graph.nodes import NodeSpace
 from lin_lens.graph.target import resolve_target
 from lin_lens.maps import budget

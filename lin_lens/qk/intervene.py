@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lin_lens._hooks import HookSet, zeroed
 from lin_lens._precision import exact_matmul
+from lin_lens._tl import clean_name
 from lin_lens.errors import InvalidArgumentError, UnsupportedFeatureError
 from lin_lens.freeze import detached
 from lin_lens.qk.result import QKAttribution
@@ -191,7 +192,7 @@ def _param(model: Any, name: str) -> Tensor:
     if name in params:
         return params[name]
     for full, p in params.items():  # a Bridge's wrapped names, shown without the wrapper
-        if full.replace("._original_component", "").replace("_original_component.", "") == name:
+        if clean_name(full) == name:
             return p
     parts = name.split(".")  # decompose's TransformerLens-style label: blocks.L.attn.b_O
     if len(parts) == 4 and parts[0] == "blocks":

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import canonical, hook_dict
+from lin_lens._tl import canonical, clean_name, hook_dict
 from lin_lens.freeze import detached
 
 
@@ -72,4 +72,4 @@ def index_of(label: str) -> int:
 def origin_name(o: str) -> str:
     if o == "hook_pos_embed":
         return "pos_embed"
-    return o.replace("._original_component", "").replace("_original_component.", "")
+    return clean_name(o)

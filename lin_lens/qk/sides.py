@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lin_lens.maps.columns import token_parts
 from lin_lens.qk.form import ScoreForm
+from lin_lens.qk.node_parts import origin_name
 
 
 @dataclass
@@ -56,7 +57,7 @@ def token_sides(model: Any, tokens: Tensor, forms: dict[int, ScoreForm], query: 
         if f.rotate is not None:
             q, k = f.rotate(q, "q"), f.rotate(k, "k")
         labels = [f"{i} {t!r}" for i, t in enumerate(str_tokens)] + [
-            _origin_label(o) for o in origins]
+            origin_name(o) for o in origins]
         kinds = ["token"] * n + [origin_kind(o) for o in origins]
         ids = tokens[0].tolist()
         desc = ([-1] * len(labels), list(range(n)) + [-1] * len(origins),
@@ -75,7 +76,3 @@ def _stack(parts: Any, hook: str, origins: list[str], n: int, heads: int, d: int
     return tok.reshape(tok.shape[0], n, heads, d)
 
 
-def _origin_label(name: str) -> str:
-    if name == "hook_pos_embed":
-        return "pos_embed"
-    return name.replace("._original_component", "").replace("_original_component.", "")
