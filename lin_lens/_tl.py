@@ -186,6 +186,13 @@ def parent_module(model: Any, hook_name: str) -> torch.nn.Module:
     return model.get_submodule(parent)
 
 
+def block_of(hook: str) -> int | None:
+    """The block index of a ``blocks.L.…`` name, else None."""
+    parts = hook.split(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() \
+        else None
+
+
 def wrapped_linear(component: Any) -> torch.nn.Linear | None:
     """The Hugging Face ``nn.Linear`` a Bridge component wraps (None for anything else)."""
     lin = getattr(component, "original_component", None)

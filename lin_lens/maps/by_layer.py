@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lin_lens._tl import LOGITS, hook_dict
+from lin_lens._tl import LOGITS, block_of, hook_dict
 from lin_lens.maps.graph import batched_grad
 
 MAX_TOKENS = 64  # SmolLM2 f32, last-position operator: 52 s vs 55 s at 128 with 4x the memory
@@ -32,18 +32,12 @@ TOKEN_ROWS = 4096  # rows × tokens per batched pass within one block (tuned on 
 MIN_CHUNK, MAX_CHUNK = 64, 192
 
 
-def _layer(hook: str) -> int | None:
-    parts = hook.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() \
-        else None
-
-
 def cut_hooks(model: Any, source: str, target: str) -> list[str]:
     """The block inputs strictly after the source's block and up to the target's, in forward
     order (none where the target is itself a block input cut off by them, or comes before the
     blocks)."""
     n_layers = int(model.cfg.n_layers)
-    src, tgt = _layer(source), _layer(target)
+    src, tgt = block_of(source), block_of(target)
     lo = 1 if src is None else src + 1
     if target == LOGITS or target.startswith(("ln_final.", "unembed.")):
         hi = n_layers

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lin_lens._hooks import HookSet
 from lin_lens._tl import (
+    block_of,
     canonical,
     hook_dict,
     is_bridge,
@@ -78,9 +79,9 @@ def _site(model: Any, layer: int) -> _Site | None:
 def formed_sites(model: Any, source: str) -> list[_Site]:
     """The gated, bias-free MLPs that can take the formed gradient (all but the source's layer
     when the source is inside a block)."""
-    skip = source.split(".")[1] if source.startswith("blocks.") else None
+    skip = block_of(source)
     return [s for layer in range(int(model.cfg.n_layers))
-            if str(layer) != skip and (s := _site(model, layer)) is not None]
+            if layer != skip and (s := _site(model, layer)) is not None]
 
 
 def pays(rows: int, sites: list[_Site]) -> bool:

@@ -16,7 +16,6 @@ computed independently of ``act − Σ J x``. (Why a replay and not ``torch.func
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lin_lens._hooks import HookSet, slots_of, swapped
-from lin_lens._tl import LOGITS, biases, canonical, hook_dict
+from lin_lens._tl import LOGITS, biases, block_of, canonical, hook_dict
 from lin_lens.errors import InvalidArgumentError
 from lin_lens.freeze.gates import gate_fn
 from lin_lens.maps.graph import _Stop
@@ -43,8 +42,8 @@ __all__ = ["Replay", "ReplayUnsupported", "layer_of", "replays"]
 
 def layer_of(model: Any, hook: str) -> int:
     """The block index of ``blocks.L.…`` hooks; the last layer for everything after them."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    return int(m.group(1)) if m else int(model.cfg.n_layers) - 1
+    b = block_of(hook)
+    return int(model.cfg.n_layers) - 1 if b is None else b
 
 
 class Replay:
