@@ -171,3 +171,27 @@ def test_the_source_layer_keeps_the_ordinary_path(monkeypatch):
                         source="blocks.0.mlp.hook_post")
     assert fast.meta["formed_mlps"] == model.cfg.n_layers - 1
     assert torch.allclose(fast.J4, plain.J4, rtol=0, atol=1e-12)
+
+
+def test_ctrl_c_between_blocks_leaves_the_model_as_it_was(backend, monkeypatch):
+    """A KeyboardInterrupt in the second block's batches (one block's graph already freed, the
+    formed hooks' matrices held): the model is as it was and the next map is exact."""
+    model = tiny("llama", backend, fresh=True)
+    monkeypatch.setattr(formed, "pays", lambda rows, sites: bool(sites))
+    real, calls = by_layer.batched_grad, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 16 rows in batches of 5: the second block's second batch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(by_layer, "batched_grad", interrupted)
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        linear_map(model, _tokens(), "ln_final.hook_normalized", pos=-1, chunk_size=5)
+    assert calls["n"] == 6
+    assert_same_state(before, model)
+    monkeypatch.setattr(by_layer, "batched_grad", real)
+    m = linear_map(model, _tokens(), "ln_final.hook_normalized", pos=-1)
+    assert m.meta["blocks_one_at_a_time"] == 2 and m.relative_error <= 1e-12
